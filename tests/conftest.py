@@ -32,3 +32,14 @@ def require_data(path_exists: bool, reason: str):
     if os.environ.get("JAXCOMP_REQUIRE_DATA") == "1":
         pytest.fail(f"JAXCOMP_REQUIRE_DATA=1 but {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def standard_promotion():
+    """Runs a test under standard dtype promotion.
+
+    optax 0.2.8's Adam bias correction computes ``b1 ** count`` with a Python float and
+    an int32 count, which strict promotion rejects; tests that step Adam use this.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        yield

@@ -1,0 +1,91 @@
+"""The ``jaxcomp`` command.
+
+``jaxcomp demo``      train, distill, prune, quantize, save and evaluate (the main job)
+``jaxcomp evaluate``  restore classifier checkpoints and measure them on a test split
+
+A user's mistake (a bad flag, a missing folder, an unreadable checkpoint) prints
+one line on stderr and exits with status 2, without a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits",
+                   help="digits (embedded default), fashion_mnist, mnist, or tfds:NAME")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with MNIST-format IDX files (gzipped or not)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxcomp", description="Model compression for JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="compress a classifier end to end and print a table")
+    _add_data_flags(demo)
+    demo.add_argument("--seed", type=int, nargs="+", default=[0],
+                      help="one or more seeds; the table shows the mean over seeds")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per training stage")
+    demo.add_argument("--sparsity", type=float, default=0.9, help="target sparsity in [0, 1)")
+    demo.add_argument("--bits", type=int, default=4, help="bits of the low-bit row (2-8)")
+    demo.add_argument("--out", default="demo_out", help="folder for the table, plot, checkpoints")
+    demo.add_argument("--quick", action="store_true", help="few epochs, for a smoke test")
+
+    ev = sub.add_parser("evaluate", help="measure classifier checkpoints on a test split")
+    _add_data_flags(ev)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the data split")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("checkpoints", nargs="+", help="checkpoint folders written by jaxcomp")
+    return parser
+
+
+def _demo(args) -> None:
+    from jaxcomp import demo
+
+    config = demo.DemoConfig(
+        data=args.data, data_dir=args.data_dir, seeds=tuple(args.seed), epochs=args.epochs,
+        sparsity=args.sparsity, bits=args.bits, out=args.out, quick=args.quick,
+    )
+    demo.validate(config)
+    results = demo.run(config)
+    print(demo.format_results(results))
+    print(f"\nwrote {args.out}/results.json, results.md, accuracy_vs_bytes.png, checkpoints/")
+
+
+def _evaluate(args) -> None:
+    from jaxcomp import demo, report
+
+    rows = demo.evaluate_checkpoints(
+        args.checkpoints, data_name=args.data, data_dir=args.data_dir, seed=args.seed
+    )
+    print(json.dumps(rows, indent=2) if args.json else report.format_table(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxcomp`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    handlers = {"demo": _demo, "evaluate": _evaluate}
+    try:
+        handlers[args.command](args)
+    except USER_ERRORS as e:
+        print(f"jaxcomp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxcomp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
