@@ -13,7 +13,9 @@ import argparse
 import json
 import sys
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError, TypeError, ImportError, FileNotFoundError, NotADirectoryError, PermissionError
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -70,7 +70,10 @@ class DemoConfig:
 
 def validate(config: DemoConfig) -> None:
     """Raises ValueError for a bad flag before any work or any file is written."""
-    data.check_name(config.data)
+    if config.data not in data.NAMES and not config.data.startswith("tfds:"):
+        raise ValueError(
+            f"--data {config.data!r} is unknown; choose from {', '.join(data.NAMES)}"
+        )
     if config.data_dir is not None and not os.path.isdir(config.data_dir):
         raise ValueError(f"--data-dir {config.data_dir!r} is not an existing folder")
     if not 0.0 <= config.sparsity < 1.0:
