@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -60,7 +61,7 @@ def is_default_target(path: str, leaf: Any) -> bool:
     """
     shape = getattr(leaf, "shape", ())
     dtype = getattr(leaf, "dtype", None)
-    if len(shape) < 2 or dtype is None or not np.issubdtype(dtype, np.floating):
+    if len(shape) < 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         return False
     return _SKIP_BY_DEFAULT.search(path) is None
 

@@ -1,0 +1,87 @@
+"""The 2-D view that every quantized tensor is stored in, and bit packing.
+
+A tensor of any rank is seen as a matrix ``[K, N]`` whose rows run along the
+contraction axes and whose columns are the channels:
+
+* ``channel_axis=c``: the channel axis is moved last and the other axes are
+  flattened in order, ``moveaxis(x, c, -1).reshape(-1, shape[c])``. For a Flax
+  Dense kernel ``[in, out]`` with ``c=-1`` this is the kernel itself; for a conv
+  kernel ``[h, w, in, out]`` it is ``[h * w * in, out]``.
+* ``channel_axis=None`` (per tensor): the flattened tensor is one column,
+  ``x.reshape(-1, 1)``.
+
+Scales have shape ``[K // group_size, N]`` (``[1, N]`` without groups) and are
+shared by ``group_size`` consecutive rows. Codes below 5 bits are packed into
+``uint8`` along the rows: row ``r`` of the packed matrix holds rows
+``r * p ... r * p + p - 1`` of the code matrix, the first in the lowest bits,
+with ``p = 8 // slot`` codes per byte (``slot`` = 2 bits for 2-bit codes, 4 bits
+for 3- and 4-bit codes). Packing along the rows keeps every column (output
+channel) in its own bytes, so a kernel sharded over its output axis unpacks
+without communication.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def codes_per_byte(bits: int) -> int:
+    """How many ``bits``-bit codes one packed byte holds (1 means unpacked)."""
+    if bits <= 2:
+        return 4
+    if bits <= 4:
+        return 2
+    return 1
+
+
+def view_2d_shape(shape: tuple[int, ...], channel_axis: int | None) -> tuple[int, int]:
+    """Shape ``(K, N)`` of the matrix view of a tensor of ``shape``."""
+    size = math.prod(shape)
+    if channel_axis is None:
+        return size, 1
+    n = shape[channel_axis]
+    return (size // n if n else 0), n
+
+
+def to_2d(x: jax.Array, channel_axis: int | None) -> jax.Array:
+    """Matrix view ``[K, N]`` of ``x`` (see the module docstring)."""
+    if channel_axis is None:
+        return x.reshape(-1, 1)
+    return jnp.moveaxis(x, channel_axis, -1).reshape(view_2d_shape(x.shape, channel_axis))
+
+
+def from_2d(x2d: jax.Array, shape: tuple[int, ...], channel_axis: int | None) -> jax.Array:
+    """Inverse of :func:`to_2d`: back to ``shape``."""
+    if channel_axis is None:
+        return x2d.reshape(shape)
+    moved = tuple(d for i, d in enumerate(shape) if i != channel_axis) + (shape[channel_axis],)
+    return jnp.moveaxis(x2d.reshape(moved), -1, channel_axis)
+
+
+def grouped(x2d: jax.Array, groups: int) -> jax.Array:
+    """``[K, N]`` -> ``[groups, K // groups, N]``: the rows that share a scale."""
+    k, n = x2d.shape
+    return x2d.reshape(groups, k // groups, n)
+
+
+def pack(unsigned: jax.Array, bits: int) -> jax.Array:
+    """Packs unsigned ``[K, N]`` codes (values < ``2**bits``) into ``uint8`` rows."""
+    per = codes_per_byte(bits)
+    codes = unsigned.astype(jnp.uint8)
+    k, n = codes.shape
+    pad = -k % per
+    codes = jnp.pad(codes, ((0, pad), (0, 0))).reshape(-1, per, n)
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(8 // per))[None, :, None]
+    return jnp.sum(codes << shifts, axis=1, dtype=jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, rows: int) -> jax.Array:
+    """Inverse of :func:`pack`: ``uint8`` codes of shape ``[rows, N]``."""
+    per = codes_per_byte(bits)
+    slot = 8 // per
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(slot))[None, :, None]
+    codes = (packed[:, None, :] >> shifts) & jnp.uint8((1 << slot) - 1)
+    return codes.reshape(-1, packed.shape[1])[:rows]
