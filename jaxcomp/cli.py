@@ -13,9 +13,17 @@ import argparse
 import json
 import sys
 
-USER_ERRORS = (
-    ValueError, TypeError, ImportError, FileNotFoundError, NotADirectoryError, PermissionError
-)
+
+class UsageError(ValueError):
+    """A bad command line: reported as one line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input or machine (not bugs): one line, exit status 2."""
+    from jaxcomp.checkpoint import CheckpointError
+    from jaxcomp.data import DataError
+
+    return (UsageError, DataError, CheckpointError, ImportError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +67,10 @@ def _demo(args) -> None:
         data=args.data, data_dir=args.data_dir, seeds=tuple(args.seed), epochs=args.epochs,
         sparsity=args.sparsity, bits=args.bits, out=args.out, quick=args.quick,
     )
-    demo.validate(config)
+    try:
+        demo.validate(config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     results = demo.run(config)
     print(demo.format_results(results))
     print(f"\nwrote {args.out}/results.json, results.md, accuracy_vs_bytes.png, checkpoints/")
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": _demo, "evaluate": _evaluate}
     try:
         handlers[args.command](args)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         print(f"jaxcomp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

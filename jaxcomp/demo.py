@@ -65,7 +65,7 @@ class DemoConfig:
             return self.epochs
         if self.quick:
             return 2
-        return 40 if self.data == "digits" else 12
+        return 40 if self.data == "digits" else 20
 
 
 def validate(config: DemoConfig) -> None:
@@ -125,7 +125,10 @@ def _fit(
     desc: str,
 ) -> tuple[Any, Any]:
     key = jax.random.key(seed)
-    progress = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, file=sys.stderr)
+    progress = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, file=sys.stderr,
+                    disable=None)  # bars on a terminal only; one summary line per stage always
+    start = time.perf_counter()
+    loss = float("nan")
     for epoch in progress:
         losses = []
         for batch in train.batch_iterator(arrays, batch_size, seed=seed, epoch=epoch):
@@ -134,12 +137,15 @@ def _fit(
                 params, opt_state, train.shard_batch(batch, mesh), sub
             )
             losses.append(metrics["loss"])
-        progress.set_postfix(loss=f"{float(jnp.mean(jnp.stack(losses))):.4f}")
+        loss = float(jnp.mean(jnp.stack(losses)))
+        progress.set_postfix(loss=f"{loss:.4f}")
+    print(f"{desc}: {epochs} epochs in {time.perf_counter() - start:.1f}s, last epoch loss {loss:.4f}",
+          file=sys.stderr, flush=True)
     return params, opt_state
 
 
 def _train(model, params, arrays, tx, *, loss_fn, epochs, config, seed, mesh, desc):
-    params = train.replicate(params, mesh)
+    params = train.replicate(jax.device_get(params), mesh)  # a fresh copy: the step donates it
     opt_state = train.replicate(tx.init(params), mesh)
     step = train.make_train_step(loss_fn, tx, mesh=mesh)
     return _fit(step, params, opt_state, arrays, epochs=epochs, batch_size=config.batch_size,
@@ -167,6 +173,10 @@ def _run_seed(config: DemoConfig, seed: int, stage_dir: Path, timings: dict) -> 
     epochs = config.stage_epochs()
     arrays = {"x": ds.train.x, "y": ds.train.y}
     lr = config.learning_rate
+    steps_per_epoch = len(ds.train.x) // config.batch_size
+
+    def adam(peak, stage_epochs=epochs):
+        return optax.adam(optax.cosine_decay_schedule(peak, stage_epochs * steps_per_epoch))
 
     def timed(stage, fn):
         start = time.perf_counter()
@@ -177,9 +187,9 @@ def _run_seed(config: DemoConfig, seed: int, stage_dir: Path, timings: dict) -> 
     def model_of(sizes, dropout=0.0):
         return MLP(features=sizes, num_classes=ds.num_classes, dropout_rate=dropout)
 
-    teacher = model_of(HINTON_SIZES["teacher"], dropout=0.3)
+    teacher = model_of(HINTON_SIZES["teacher"], dropout=0.5)
     t_params, _ = timed("train teacher", lambda: _train(
-        teacher, init_params(teacher, ds.input_shape, seed), arrays, optax.adam(lr),
+        teacher, init_params(teacher, ds.input_shape, seed), arrays, adam(lr),
         loss_fn=_classifier_loss(teacher, False, 1.0, 0.0), epochs=epochs, config=config,
         seed=seed, mesh=mesh, desc=f"seed {seed}: teacher"))
     teacher_logits = train.predict(lambda p, x: teacher.apply({"params": p}, x), t_params,
@@ -188,44 +198,50 @@ def _run_seed(config: DemoConfig, seed: int, stage_dir: Path, timings: dict) -> 
     student = model_of(HINTON_SIZES["student"])
     s_init = init_params(student, ds.input_shape, seed + 1)
     distilled, _ = timed("distill student", lambda: _train(
-        student, s_init, {**arrays, "t": teacher_logits}, optax.adam(lr),
+        student, s_init, {**arrays, "t": teacher_logits}, adam(lr),
         loss_fn=_classifier_loss(student, True, config.temperature, config.alpha),
         epochs=epochs, config=config, seed=seed, mesh=mesh, desc=f"seed {seed}: distill"))
     labels_only, _ = timed("train student on labels", lambda: _train(
-        student, s_init, arrays, optax.adam(lr), loss_fn=_classifier_loss(student, False, 1, 0),
+        student, s_init, arrays, adam(lr), loss_fn=_classifier_loss(student, False, 1, 0),
         epochs=epochs, config=config, seed=seed, mesh=mesh, desc=f"seed {seed}: labels only"))
 
-    steps_per_epoch = len(ds.train.x) // config.batch_size
     prune_steps = epochs * steps_per_epoch
+    frequency = max(1, steps_per_epoch // 4)
     schedule = sparsity.polynomial_schedule(
-        target_sparsity=config.sparsity, begin_step=0, end_step=int(0.75 * prune_steps),
-        frequency=max(1, steps_per_epoch // 4))
+        target_sparsity=config.sparsity, begin_step=0,
+        end_step=max(1, int(0.75 * prune_steps) // frequency) * frequency, frequency=frequency)
     distill_loss = _classifier_loss(student, True, config.temperature, config.alpha)
     distill_arrays = {**arrays, "t": teacher_logits}
     pruned, prune_state = timed("prune gradually", lambda: _train(
-        student, distilled, distill_arrays, sparsity.prune(optax.adam(lr), schedule=schedule),
+        student, distilled, distill_arrays, sparsity.prune(adam(lr / 2), schedule=schedule),
         loss_fn=distill_loss, epochs=epochs, config=config, seed=seed, mesh=mesh,
         desc=f"seed {seed}: prune"))
     masks = prune_state.masks
-    finetune_tx = optax.chain(optax.adam(lr / 2), sparsity.keep_masks(masks))
+    finetune_epochs = max(1, epochs // 4)
+    finetune_tx = optax.chain(adam(lr / 4, finetune_epochs), sparsity.keep_masks(masks))
     pruned, _ = timed("fine-tune pruned", lambda: _train(
         student, sparsity.apply_masks(pruned, masks), distill_arrays, finetune_tx,
-        loss_fn=distill_loss, epochs=max(1, epochs // 4), config=config, seed=seed, mesh=mesh,
+        loss_fn=distill_loss, epochs=finetune_epochs, config=config, seed=seed, mesh=mesh,
         desc=f"seed {seed}: fine-tune"))
 
+    bits = config.bits
     int8 = timed("quantize int8", lambda: quant.quantize_tree(
-        pruned, default=quant.QuantConfig(bits=8)))
-    low = timed(f"quantize int{config.bits}", lambda: quant.quantize_tree(
-        pruned, _group_rules(pruned, config.bits), default=None))
+        distilled, default=quant.QuantConfig(bits=8)))
+    low = timed(f"quantize int{bits}", lambda: quant.quantize_tree(
+        distilled, _group_rules(distilled, bits), default=None))
+    pruned_int8 = quant.quantize_tree(pruned, default=quant.QuantConfig(bits=8))
+    pruned_low = quant.quantize_tree(pruned, _group_rules(pruned, bits), default=None)
 
     pct = round(100 * config.sparsity)
     models = [
         ("teacher 2x1200", teacher, t_params),
         ("student 2x800, labels only", student, labels_only),
         ("student 2x800, distilled", student, distilled),
+        ("distilled + int8 per channel", student, int8),
+        (f"distilled + int{bits} per group", student, low),
         (f"distilled, {pct}% sparse", student, pruned),
-        (f"{pct}% sparse + int8 per channel", student, int8),
-        (f"{pct}% sparse + int{config.bits} per group", student, low),
+        (f"{pct}% sparse + int8 per channel", student, pruned_int8),
+        (f"{pct}% sparse + int{bits} per group", student, pruned_low),
     ]
     saved = []
     start = time.perf_counter()

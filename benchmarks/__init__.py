@@ -1,0 +1,1 @@
+"""jaxcomp benchmarks: ``python -m benchmarks`` (``make bench``). Ratios measured side by side."""
