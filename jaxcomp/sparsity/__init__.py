@@ -1,0 +1,50 @@
+"""Pruning: mask trees, mask computation (patterns, scores, scopes), schedules, optax transforms.
+
+A mask tree has the structure of the params: a bool array (``True`` = kept)
+where a leaf is pruned, ``None`` where it stays dense.
+"""
+
+from jaxcomp.sparsity._allocation import erk_sparsities
+from jaxcomp.sparsity._compute import compute_masks
+from jaxcomp.sparsity._masks import (
+    apply_masks,
+    combine_masks,
+    count_nonzero,
+    invert_masks,
+    mask_counts,
+)
+from jaxcomp.sparsity._optax import KeepMasksState, PruneState, keep_masks, prune
+from jaxcomp.sparsity._schedules import (
+    IterativeSchedule,
+    OneShotSchedule,
+    PolynomialSchedule,
+    SparsitySchedule,
+    iterative_schedule,
+    one_shot_schedule,
+    polynomial_schedule,
+)
+from jaxcomp.sparsity._summary import SummaryRow, format_summary, summary
+
+__all__ = [
+    "IterativeSchedule",
+    "KeepMasksState",
+    "OneShotSchedule",
+    "PolynomialSchedule",
+    "PruneState",
+    "SparsitySchedule",
+    "SummaryRow",
+    "apply_masks",
+    "combine_masks",
+    "compute_masks",
+    "count_nonzero",
+    "erk_sparsities",
+    "format_summary",
+    "invert_masks",
+    "iterative_schedule",
+    "keep_masks",
+    "mask_counts",
+    "one_shot_schedule",
+    "polynomial_schedule",
+    "prune",
+    "summary",
+]
