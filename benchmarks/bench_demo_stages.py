@@ -13,8 +13,14 @@ def run(*, quick: bool = False) -> list[dict]:
     stages = results["stage_seconds"]
     total = sum(stages.values())
     return [
-        {"benchmark": "demo_stages", "case": name, "ours_ms": 1e3 * seconds,
-         "baseline_ms": 1e3 * total, "ratio": seconds / total, "target": "share of total",
-         "met": "-"}
+        {
+            "benchmark": "demo_stages",
+            "case": name,
+            "ours_ms": 1e3 * seconds,
+            "baseline_ms": 1e3 * total,
+            "ratio": seconds / total,
+            "target": "share of total",
+            "met": "-",
+        }
         for name, seconds in stages.items()
     ]

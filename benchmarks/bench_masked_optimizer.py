@@ -55,9 +55,14 @@ def run(*, quick: bool = False) -> list[dict]:
         for case, whole in (("update only", False), ("train step", True)):
             t_ours, t_base = interleaved(make(masked, whole), make(plain, whole), repeats=repeats)
             target = "<= 1.05x" if whole else ""
-            rows.append(row(
-                "masked_optimizer", f"{case}, {n_params / 1e6:.1f}M params, adam",
-                t_ours, t_base, target=target,
-                passed=(t_ours / t_base <= 1.05) if whole else None,
-            ))
+            rows.append(
+                row(
+                    "masked_optimizer",
+                    f"{case}, {n_params / 1e6:.1f}M params, adam",
+                    t_ours,
+                    t_base,
+                    target=target,
+                    passed=(t_ours / t_base <= 1.05) if whole else None,
+                )
+            )
     return rows

@@ -67,11 +67,15 @@ def main(steps: int, out: str) -> None:
     restored = jc.checkpoint.restore(out)
     acc = jc.train.accuracy(
         lambda p, x: student.apply({"params": jc.quant.dequantize_tree(p)}, x),
-        restored, ds.test.x, ds.test.y,
+        restored,
+        ds.test.x,
+        ds.test.y,
     )
     print(jc.report.format_table(jc.report.leaf_table(restored)))
-    print(f"\nsparsity {1 - jc.report.count_nonzero(restored) / jc.report.count_params(restored):.2f}"
-          f", {jc.checkpoint.disk_bytes(out):,} bytes on disk, test accuracy {acc:.3f}")
+    print(
+        f"\nsparsity {1 - jc.report.count_nonzero(restored) / jc.report.count_params(restored):.2f}"
+        f", {jc.checkpoint.disk_bytes(out):,} bytes on disk, test accuracy {acc:.3f}"
+    )
 
 
 if __name__ == "__main__":

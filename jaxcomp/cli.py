@@ -32,10 +32,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits",
-                   help="digits (embedded default), fashion_mnist, mnist, or tfds:NAME")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with MNIST-format IDX files (gzipped or not)")
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="digits (embedded default), fashion_mnist, mnist, or tfds:NAME",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="folder with MNIST-format IDX files (gzipped or not)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,8 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="compress a classifier end to end and print a table")
     _add_data_flags(demo)
-    demo.add_argument("--seed", type=int, nargs="+", default=[0],
-                      help="one or more seeds; the table shows the mean over seeds")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one or more seeds; the table shows the mean over seeds",
+    )
     demo.add_argument("--epochs", type=int, default=None, help="epochs per training stage")
     demo.add_argument("--sparsity", type=float, default=0.9, help="target sparsity in [0, 1)")
     demo.add_argument("--bits", type=int, default=4, help="bits of the low-bit row (2-8)")
@@ -64,8 +73,14 @@ def _demo(args) -> None:
     from jaxcomp import demo
 
     config = demo.DemoConfig(
-        data=args.data, data_dir=args.data_dir, seeds=tuple(args.seed), epochs=args.epochs,
-        sparsity=args.sparsity, bits=args.bits, out=args.out, quick=args.quick,
+        data=args.data,
+        data_dir=args.data_dir,
+        seeds=tuple(args.seed),
+        epochs=args.epochs,
+        sparsity=args.sparsity,
+        bits=args.bits,
+        out=args.out,
+        quick=args.quick,
     )
     try:
         demo.validate(config)

@@ -96,14 +96,20 @@ def format_table(
     numeric = [all(isinstance(r.get(c), int | float) for r in rows) for c in columns]
 
     def line(values):
-        parts = [v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)]
+        parts = [
+            v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)
+        ]
         return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts)
 
     out = [line(columns)]
     if markdown:
         out.append(
-            "|" + "|".join((("-" * (w + 1)) + ":") if n else (":" + "-" * (w + 1))
-                           for w, n in zip(widths, numeric)) + "|"
+            "|"
+            + "|".join(
+                (("-" * (w + 1)) + ":") if n else (":" + "-" * (w + 1))
+                for w, n in zip(widths, numeric, strict=True)
+            )
+            + "|"
         )
     else:
         out.append("  ".join("-" * w for w in widths))
@@ -136,8 +142,13 @@ def plot_accuracy_vs_bytes(
     for row in rows:
         err = row.get(f"{y}_std")
         ax.errorbar(row[x], 100 * row[y], yerr=None if err is None else 100 * err, fmt="o")
-        ax.annotate(row["model"], (row[x], 100 * row[y]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        ax.annotate(
+            row["model"],
+            (row[x], 100 * row[y]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("bytes on disk (log scale)")
     ax.set_ylabel("test accuracy (%)")

@@ -51,9 +51,13 @@ def test_demo_numbers_come_from_restored_checkpoints(demo_run):
     # a fresh evaluation of the saved checkpoints reproduces the table
     again = demo.evaluate_checkpoints(
         sorted((out / "checkpoints" / "seed0").iterdir(), key=lambda p: int(p.name)),
-        data_name="digits", data_dir=None, seed=0)
-    np.testing.assert_allclose([r["test_accuracy"] for r in again],
-                               [r["test_accuracy"] for r in results["rows"]])
+        data_name="digits",
+        data_dir=None,
+        seed=0,
+    )
+    np.testing.assert_allclose(
+        [r["test_accuracy"] for r in again], [r["test_accuracy"] for r in results["rows"]]
+    )
 
 
 @pytest.mark.parametrize(
@@ -101,9 +105,17 @@ def test_failure_midway_leaves_nothing_half_written(tmp_path, monkeypatch):
 def test_console_script_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jaxcomp.cli", "demo", "--sparsity", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr == "jaxcomp demo: error: --sparsity 2.0 is outside [0, 1)\n"
-    unknown = subprocess.run([sys.executable, "-m", "jaxcomp.cli", "demo", "--nope"],
-                             capture_output=True, text=True, check=False)
+    unknown = subprocess.run(
+        [sys.executable, "-m", "jaxcomp.cli", "demo", "--nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1

@@ -47,9 +47,10 @@ def test_format_table_text_and_markdown():
 
 
 def test_plot_and_json(tmp_path):
-    rows = [{"model": "fp32", "bytes_on_disk": 4000, "test_accuracy": 0.9},
-            {"model": "int8", "bytes_on_disk": 1000, "test_accuracy": 0.89,
-             "test_accuracy_std": 0.01}]
+    rows = [
+        {"model": "fp32", "bytes_on_disk": 4000, "test_accuracy": 0.9},
+        {"model": "int8", "bytes_on_disk": 1000, "test_accuracy": 0.89, "test_accuracy_std": 0.01},
+    ]
     report.plot_accuracy_vs_bytes(rows, tmp_path / "plot.png", title="t")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report.write_json(tmp_path / "r.json", {"rows": rows})

@@ -47,8 +47,9 @@ def _run(step, tx, params, batches, prepare=lambda b: b):
 def test_jit_step_matches_numpy_sgd(problem):
     params, batches = problem
     tx = optax.sgd(0.05)
-    out, metrics = _run(train.make_train_step(_linear_loss, tx), tx,
-                        jax.tree.map(jnp.asarray, params), batches)
+    out, metrics = _run(
+        train.make_train_step(_linear_loss, tx), tx, jax.tree.map(jnp.asarray, params), batches
+    )
     w, b = _numpy_sgd(params["w"], params["b"], batches, 0.05)
     np.testing.assert_allclose(out["w"], w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["b"], b, rtol=1e-5, atol=1e-6)
@@ -60,11 +61,16 @@ def test_mesh_step_matches_single_device(problem, standard_promotion):
     mesh = train.data_mesh()
     assert mesh.devices.size == 8
     tx = optax.adam(1e-2)
-    single, _ = _run(train.make_train_step(_linear_loss, tx), tx,
-                     jax.tree.map(jnp.asarray, params), batches)
-    sharded, _ = _run(train.make_train_step(_linear_loss, tx, mesh=mesh), tx,
-                      train.replicate(params, mesh), batches,
-                      prepare=lambda b: train.shard_batch(b, mesh))
+    single, _ = _run(
+        train.make_train_step(_linear_loss, tx), tx, jax.tree.map(jnp.asarray, params), batches
+    )
+    sharded, _ = _run(
+        train.make_train_step(_linear_loss, tx, mesh=mesh),
+        tx,
+        train.replicate(params, mesh),
+        batches,
+        prepare=lambda b: train.shard_batch(b, mesh),
+    )
     assert sharded["w"].sharding.is_fully_replicated
     np.testing.assert_allclose(sharded["w"], single["w"], rtol=1e-5, atol=1e-6)
 
@@ -73,8 +79,9 @@ def test_pmap_step_matches_single_device(problem, standard_promotion):
     params, batches = problem
     n = jax.local_device_count()
     tx = optax.adam(1e-2)
-    single, _ = _run(train.make_train_step(_linear_loss, tx), tx,
-                     jax.tree.map(jnp.asarray, params), batches)
+    single, _ = _run(
+        train.make_train_step(_linear_loss, tx), tx, jax.tree.map(jnp.asarray, params), batches
+    )
     step = train.make_pmap_train_step(_linear_loss, tx)
     p = train.stack_for_pmap(params)
     s = train.stack_for_pmap(tx.init(params))
