@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import platform
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import jax
 
 from jaxcomp import report
 
+# every benchmarks/bench_<name>.py with a ``run(quick=False) -> rows`` function
 BENCHMARKS = {
-    "masked_optimizer": "benchmarks.bench_masked_optimizer",
-    "int8_dense": "benchmarks.bench_int8_dense",
-    "demo_stages": "benchmarks.bench_demo_stages",
+    m.name.removeprefix("bench_"): f"benchmarks.{m.name}"
+    for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+    if m.name.startswith("bench_")
 }
 
 COLUMNS = ["benchmark", "case", "ours_ms", "baseline_ms", "ratio", "target", "met"]
