@@ -2,6 +2,7 @@
 
 ``jaxcomp demo``      train, distill, prune, quantize, save and evaluate (the main job)
 ``jaxcomp evaluate``  restore classifier checkpoints and measure them on a test split
+``jaxcomp inspect``   per-layer table of a checkpoint: shape, format, bits, sparsity, bytes
 
 A user's mistake (a bad flag, a missing folder, an unreadable checkpoint) prints
 one line on stderr and exits with status 2, without a stack trace.
@@ -66,7 +67,43 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the data split")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("checkpoints", nargs="+", help="checkpoint folders written by jaxcomp")
+
+    ins = sub.add_parser("inspect", help="per-layer table of a jaxcomp checkpoint")
+    ins.add_argument("checkpoint", help="checkpoint folder written by jaxcomp")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _inspect(args) -> None:
+    from jaxcomp import checkpoint, report
+
+    tree = checkpoint.restore(args.checkpoint)
+    rows = report.leaf_table(tree)
+    params = report.count_params(tree)
+    total = {
+        "path": "total",
+        "shape": [params],
+        "format": "",
+        "bits_per_param": 8 * sum(r["bytes"] for r in rows) / max(params, 1),
+        "sparsity": 1 - report.count_nonzero(tree) / max(params, 1),
+        "bytes": sum(r["bytes"] for r in rows),
+    }
+    disk = checkpoint.disk_bytes(args.checkpoint)
+    meta = checkpoint.read_metadata(args.checkpoint)
+    if args.json:
+        payload = {
+            "leaves": rows,
+            "total": total,
+            "disk_bytes": disk,
+            "metadata": meta.get("metadata", {}),
+        }
+        print(json.dumps(payload, indent=2))
+        return
+    print(report.format_table([*rows, total]))
+    print(
+        f"\n{disk:,} bytes on disk ({8 * disk / max(params, 1):.2f} bits per parameter), "
+        f"jaxcomp {meta.get('jaxcomp_version', '?')}"
+    )
 
 
 def _demo(args) -> None:
@@ -103,7 +140,7 @@ def _evaluate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxcomp`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"demo": _demo, "evaluate": _evaluate}
+    handlers = {"demo": _demo, "evaluate": _evaluate, "inspect": _inspect}
     try:
         handlers[args.command](args)
     except _user_errors() as e:

@@ -484,7 +484,7 @@ def _display_rows(rows: list[dict]) -> list[dict]:
                 "parameters": r["parameters"],
                 "non-zeros": r["nonzeros"],
                 "bytes on disk": int(r["bytes_on_disk"]),
-                "bits/param": round(r["bits_per_param"], 2),
+                "bits/param": f"{r['bits_per_param']:.2f}",
                 "test acc. (%)": acc,
             }
         )
