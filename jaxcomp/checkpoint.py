@@ -779,3 +779,8 @@ def _save_lock(target: Path) -> Iterator[None]:
     finally:
         os.unlink(lock)
         os.close(fd)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a jaxcomp checkpoint (its ``jaxcomp.json``)."""
+    return (Path(path) / _SIDECAR).is_file()

@@ -3,6 +3,8 @@
 ``jaxcomp demo``      train, distill, prune, quantize, save and evaluate (the main job)
 ``jaxcomp evaluate``  restore classifier checkpoints and measure them on a test split
 ``jaxcomp inspect``   per-layer table of a checkpoint: shape, format, bits, sparsity, bytes
+``jaxcomp quantize``  quantize any orbax params checkpoint, without model code
+``jaxcomp prune``     magnitude-prune any orbax params checkpoint, without model code
 
 A user's mistake (a bad flag, a missing folder, an unreadable checkpoint) prints
 one line on stderr and exits with status 2, without a stack trace.
@@ -71,7 +73,96 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="per-layer table of a jaxcomp checkpoint")
     ins.add_argument("checkpoint", help="checkpoint folder written by jaxcomp")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    qz = sub.add_parser("quantize", help="quantize an orbax or jaxcomp params checkpoint")
+    qz.add_argument("input", help="orbax PyTree checkpoint folder or jaxcomp checkpoint")
+    qz.add_argument("output", help="folder for the jaxcomp checkpoint to write")
+    qz.add_argument("--bits", type=int, default=8, help="bits of the default rule (2-8)")
+    qz.add_argument("--group-size", type=int, default=None, help="inputs per scale group")
+    qz.add_argument("--asymmetric", action="store_true", help="use a zero point")
+    qz.add_argument(
+        "--calibration", default="absmax", choices=["absmax", "minmax", "percentile", "mse"]
+    )
+    qz.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="REGEX=SPEC",
+        help="e.g. 'head=none' or 'attn/.*=int8'; first match wins",
+    )
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    pr = sub.add_parser("prune", help="magnitude-prune an orbax or jaxcomp params checkpoint")
+    pr.add_argument("input", help="orbax PyTree checkpoint folder or jaxcomp checkpoint")
+    pr.add_argument("output", help="folder for the jaxcomp checkpoint to write")
+    how = pr.add_mutually_exclusive_group(required=True)
+    how.add_argument("--sparsity", type=float, help="fraction of each kernel to prune, [0, 1)")
+    how.add_argument("--pattern", help="N:M pattern along the input axis, e.g. 2:4")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
+
+
+def _conversion_report(output, sizes) -> None:
+    from jaxcomp import checkpoint, report
+
+    print(report.format_table(report.leaf_table(checkpoint.restore(output))))
+    print(
+        f"\n{sizes['source_bytes']:,} -> {sizes['output_bytes']:,} bytes on disk "
+        f"({sizes['ratio']:.3f}x)"
+    )
+
+
+def _quantize(args) -> None:
+    from jaxcomp import convert, quant
+
+    try:
+        default = quant.QuantConfig(
+            bits=args.bits,
+            group_size=args.group_size,
+            symmetric=not args.asymmetric,
+            calibration=args.calibration,
+        )
+        rules = convert.parse_rules(args.rule, calibration=args.calibration)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    params = convert.load_params(args.input)
+    try:
+        tree = convert.quantize_params(params, rules, default=default)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    meta = {
+        "converted_from": str(args.input),
+        "quantize": {
+            "default": vars(default),
+            "rules": [[p, None if c is None else vars(c)] for p, c in rules],
+        },
+    }
+    sizes = convert.convert_checkpoint(
+        args.input, args.output, tree, metadata=meta, overwrite=args.overwrite
+    )
+    _conversion_report(args.output, sizes)
+
+
+def _prune(args) -> None:
+    from jaxcomp import convert
+
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise UsageError(f"--sparsity {args.sparsity} is outside [0, 1)")
+    params = convert.load_params(args.input)
+    try:
+        tree, _ = convert.prune_params(
+            params, sparsity_level=args.sparsity, pattern=args.pattern or "unstructured"
+        )
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    meta = {
+        "converted_from": str(args.input),
+        "prune": {"sparsity": args.sparsity, "pattern": args.pattern or "unstructured"},
+    }
+    sizes = convert.convert_checkpoint(
+        args.input, args.output, tree, metadata=meta, overwrite=args.overwrite
+    )
+    _conversion_report(args.output, sizes)
 
 
 def _inspect(args) -> None:
@@ -140,7 +231,13 @@ def _evaluate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxcomp`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"demo": _demo, "evaluate": _evaluate, "inspect": _inspect}
+    handlers = {
+        "demo": _demo,
+        "evaluate": _evaluate,
+        "inspect": _inspect,
+        "quantize": _quantize,
+        "prune": _prune,
+    }
     try:
         handlers[args.command](args)
     except _user_errors() as e:
