@@ -465,7 +465,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
 def _write_outputs(results: dict, config: DemoConfig, stage_dir: Path) -> None:
     rows = results["rows"]
     seeds = ", ".join(map(str, config.seeds))
-    title = f"jaxcomp demo on {config.data} (seeds {seeds})"
+    which = f"mean of seeds {seeds}" if len(config.seeds) > 1 else f"seed {seeds}"
+    title = f"jaxcomp demo on {config.data} ({which})"
     report.write_json(stage_dir / "results.json", results)
     table = report.format_table(_display_rows(rows), markdown=True)
     (stage_dir / "results.md").write_text(f"## {title}\n\n{table}\n", encoding="utf-8")

@@ -138,18 +138,22 @@ def plot_accuracy_vs_bytes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    markers = "osD^vP*Xh<>p"
+    for i, row in enumerate(rows):
         err = row.get(f"{y}_std")
-        ax.errorbar(row[x], 100 * row[y], yerr=None if err is None else 100 * err, fmt="o")
-        ax.annotate(
-            row["model"],
-            (row[x], 100 * row[y]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
+        ax.errorbar(
+            row[x],
+            100 * row[y],
+            yerr=None if err is None else 100 * err,
+            fmt=markers[i % len(markers)],
+            markersize=7,
+            capsize=3,
+            label=row["model"],
         )
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bytes on disk (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
