@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import platform
 import pkgutil
+import platform
 import sys
 from pathlib import Path
 
