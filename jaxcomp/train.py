@@ -6,13 +6,19 @@ transform (into which pruning masks and fake-quant compose) into a step
 ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
 Data parallelism over a 1-D ``Mesh`` with axis ``"data"``: the batch's leading
-axis is split over the devices and the parameters are replicated; XLA inserts the
-gradient all-reduce. The same code runs on one CPU, a GPU, or a TPU slice.
+axis is split over the devices and the parameters are replicated (or, FSDP-style,
+sharded over the same axis: :func:`shard_params`); XLA inserts the gradient
+all-reduce. The same code runs on one CPU, a GPU, a TPU slice, or several
+processes (``jax.distributed.initialize`` and a mesh over ``jax.devices()``).
+
+Distillation steps (:func:`make_distill_step`) add a teacher, either its apply
+function and params (optionally cast to bf16) or teacher outputs cached in the
+batch, and a list of weighted loss terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -57,13 +63,26 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(put, batch)
 
 
-def _step_body(loss_fn: LossFn, tx: optax.GradientTransformation, reduce_grads=None):
-    def step(params, opt_state, batch, key):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+def _step_body(loss_fn: Callable, tx: optax.GradientTransformation, reduce_grads=None, place=None):
+    """The shared step: value-and-grad, optional cross-device reduction, optax update.
+
+    ``place`` (if given) re-applies the parameter layout (a sharding constraint) to the
+    gradients, the new params and the new optimizer state. Extra positional arguments
+    after ``key`` (e.g. the teacher's params) are passed through to ``loss_fn``.
+    """
+
+    def step(params, opt_state, batch, key, *extra):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch, key, *extra
+        )
         if reduce_grads is not None:
             grads, loss, metrics = reduce_grads((grads, loss, metrics))
+        if place is not None:
+            grads = place(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if place is not None:
+            params, opt_state = place(params), place(opt_state)
         return params, opt_state, {"loss": loss, **metrics}
 
     return step
@@ -166,3 +185,253 @@ def accuracy(apply_fn, params: PyTree, x: np.ndarray, y: np.ndarray, *, batch_si
     """Top-1 accuracy of ``apply_fn(params, x)`` against integer labels ``y``."""
     logits = predict(apply_fn, params, x, batch_size=batch_size)
     return float(np.mean(np.argmax(logits, axis=-1) == y))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation steps
+
+Term = tuple[str, float, Callable[[Any, Any, PyTree], Any]]
+_PARAM_SHARDINGS = ("replicated", "fsdp")
+
+
+def _fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
+    """Splits the largest axis divisible by ``n`` over the data axis; replicated if none is."""
+    best = None
+    for axis, size in enumerate(shape):
+        if size >= n and size % n == 0 and (best is None or size > shape[best]):
+            best = axis
+    if best is None:
+        return PartitionSpec()
+    return PartitionSpec(*[DATA_AXIS if a == best else None for a in range(len(shape))])
+
+
+def param_shardings(tree: PyTree, mesh: Mesh, mode: str = "fsdp") -> PyTree:
+    """The ``NamedSharding`` of every leaf of ``tree`` for ``mode`` on a 1-D data mesh.
+
+    ``"replicated"``: every device holds everything. ``"fsdp"``: each leaf's largest
+    axis divisible by the device count is split over the data axis (ZeRO-3 / FSDP
+    style); leaves with no such axis (biases of odd width, scalars) are replicated.
+
+    Raises:
+      ValueError: for an unknown ``mode``.
+
+    Example:
+      >>> mesh = data_mesh(jax.devices()[:1])
+      >>> tuple(param_shardings({"w": np.zeros((4, 2))}, mesh)["w"].spec)
+      ('data', None)
+    """
+    if mode not in _PARAM_SHARDINGS:
+        raise ValueError(f"param_sharding must be one of {_PARAM_SHARDINGS}; got {mode!r}")
+    n = mesh.shape[DATA_AXIS]
+    return jax.tree.map(
+        lambda x: NamedSharding(
+            mesh, _fsdp_spec(np.shape(x), n) if mode == "fsdp" else PartitionSpec()
+        ),
+        tree,
+    )
+
+
+def shard_params(tree: PyTree, mesh: Mesh, mode: str = "fsdp") -> PyTree:
+    """Places ``tree`` (params or optimizer state) on ``mesh`` as :func:`param_shardings` says."""
+    return jax.device_put(tree, param_shardings(tree, mesh, mode))
+
+
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+    """Casts the floating leaves of ``tree`` to ``dtype`` (e.g. a bf16 teacher); others unchanged.
+
+    >>> cast_floating({"w": jnp.ones(2), "n": jnp.arange(2)}, jnp.bfloat16)["w"].dtype
+    dtype(bfloat16)
+    """
+
+    def cast(x):
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _check_terms(terms: Sequence[Term]) -> list[Term]:
+    terms = list(terms)
+    if not terms:
+        raise ValueError("terms is empty; give at least one (name, weight, loss_fn) triple")
+    names = set()
+    for term in terms:
+        ok = isinstance(term, tuple) and len(term) == 3
+        if not ok or not isinstance(term[0], str) or not callable(term[2]):
+            raise TypeError(f"each term must be a (name, weight, loss_fn) triple; got {term!r}")
+        name, weight, _ = term
+        if name in names or name == "loss":
+            raise ValueError(f"term name {name!r} is repeated or reserved; names must be unique")
+        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"term {name!r} has weight {weight!r}; it must be a number >= 0")
+        names.add(name)
+    return terms
+
+
+def distill_loss(
+    student_apply: Callable[[PyTree, PyTree, jax.Array], Any],
+    terms: Sequence[Term],
+    *,
+    teacher_apply: Callable[[PyTree, PyTree], Any] | None = None,
+    teacher_dtype: Any = None,
+    cache_key: str = "teacher",
+    axis_name: str | None = None,
+) -> Callable:
+    r"""The weighted distillation loss ``(params, batch, key, teacher_params) -> (loss, metrics)``.
+
+    .. math::
+
+        L = \sum_i w_i\, \ell_i\big(f_s(\theta, x), \mathrm{sg}(f_t(\phi, x)), x\big)
+
+    A term returning a ``(sum, count)`` pair (``reduction="sum_count"``) is divided
+    once by its count; under ``pmap`` (``axis_name``) the count is ``psum``-ed first and
+    scalar terms are divided by the device count, so that ``psum`` of the gradients is
+    the gradient of the global mean, exact even when devices hold unequal counts of
+    unmasked tokens.
+
+    Args:
+      student_apply: ``(params, batch, key) -> student outputs`` (any pytree: logits,
+        or a dict with logits and intermediates). Put fake-quant here.
+      terms: ``(name, weight, fn)`` triples; ``fn(student_out, teacher_out, batch)``
+        returns a scalar mean or a ``(sum, count)`` pair. Each term is reported under
+        its name in the metrics (unweighted).
+      teacher_apply: ``(teacher_params, batch) -> teacher outputs``; ``None`` reads
+        cached teacher outputs from ``batch[cache_key]``.
+      teacher_dtype: cast the teacher's floating params to this dtype (e.g.
+        ``jnp.bfloat16``) before applying it; ``None`` keeps them.
+      cache_key: the batch entry holding cached teacher outputs.
+      axis_name: the ``pmap`` axis, or ``None``.
+
+    Returns:
+      ``loss_fn(params, batch, key, teacher_params) -> (loss, {name: value})``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxcomp.distill import kl_div
+      >>> loss_fn = distill_loss(lambda p, b, k: b["x"] @ p,
+      ...                        [("kl", 1.0, lambda s, t, b: kl_div(s, t))])
+      >>> batch = {"x": jnp.eye(2), "teacher": jnp.zeros((2, 3))}
+      >>> float(loss_fn(jnp.zeros((2, 3)), batch, None, None)[0])
+      0.0
+
+    References:
+      Hinton et al., Distilling the Knowledge in a Neural Network, 2015.
+    """
+    terms = _check_terms(terms)
+
+    def loss_fn(params, batch, key, teacher_params):
+        if teacher_apply is None:
+            if not isinstance(batch, dict) or cache_key not in batch:
+                keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+                raise ValueError(
+                    f"no teacher_apply was given, so the batch must hold cached teacher outputs "
+                    f"under {cache_key!r}; it has keys {keys}"
+                )
+            teacher_out = batch[cache_key]
+        else:
+            if teacher_dtype is not None:
+                teacher_params = cast_floating(teacher_params, teacher_dtype)
+            teacher_out = teacher_apply(teacher_params, batch)
+        teacher_out = jax.lax.stop_gradient(teacher_out)
+        student_out = student_apply(params, batch, key)
+        devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+        total, metrics = jnp.zeros((), jnp.float32), {}
+        for name, weight, fn in terms:
+            value = fn(student_out, teacher_out, batch)
+            if isinstance(value, tuple):
+                s, count = value
+                count = jnp.asarray(count).astype(jnp.float32)
+                if axis_name is not None:
+                    count = jax.lax.psum(count, axis_name)
+                value = jnp.asarray(s).astype(jnp.float32) / jnp.maximum(count, 1.0)
+            else:
+                value = jnp.asarray(value).astype(jnp.float32) / devices
+            metrics[name] = value
+            total = total + jnp.float32(weight) * value
+        return total, metrics
+
+    return loss_fn
+
+
+def make_distill_step(
+    student_apply: Callable[[PyTree, PyTree, jax.Array], Any],
+    tx: optax.GradientTransformation,
+    *,
+    terms: Sequence[Term],
+    teacher_apply: Callable[[PyTree, PyTree], Any] | None = None,
+    teacher_dtype: Any = None,
+    cache_key: str = "teacher",
+    mesh: Mesh | None = None,
+    param_sharding: str = "replicated",
+    axis_name: str | None = None,
+) -> Callable:
+    r"""Builds a distillation train step: jit, mesh-sharded jit (replicated or FSDP), or pmap.
+
+    The loss is :func:`distill_loss`; only the student's params are trained. Masks
+    (``jaxcomp.sparsity.keep_masks``) and schedules go into ``tx``; fake-quant goes
+    into ``student_apply``.
+
+    Args:
+      student_apply, terms, teacher_apply, teacher_dtype, cache_key: as in
+        :func:`distill_loss`.
+      tx: the optax transform.
+      mesh: a 1-D data mesh (:func:`data_mesh`, or over ``jax.devices()`` for several
+        processes): the batch is split along its leading axis (:func:`shard_batch`).
+      param_sharding: with a mesh, ``"replicated"`` or ``"fsdp"``; put the params,
+        optimizer state (and teacher params) there with :func:`shard_params` or
+        :func:`replicate`; gradients, new params and state keep that layout.
+      axis_name: build a ``pmap`` step with this axis name instead (inputs carry a
+        leading device axis as for :func:`make_pmap_train_step`, except the teacher
+        params, which are passed once and broadcast).
+
+    Returns:
+      ``step(params, opt_state, batch, key, teacher_params) -> (params, opt_state,
+      metrics)``, with ``teacher_params=None`` for cached teacher outputs. The
+      params and optimizer state buffers are donated. ``metrics`` holds ``"loss"``
+      and every term by name.
+
+    Example:
+      >>> import optax, jax.numpy as jnp
+      >>> from jaxcomp.distill import kl_div
+      >>> step = make_distill_step(
+      ...     lambda p, b, k: b["x"] @ p, optax.sgd(1.0),
+      ...     terms=[("kl", 1.0, lambda s, t, b: kl_div(s, t))],
+      ...     teacher_apply=lambda tp, b: b["x"] @ tp)
+      >>> p, tp, x = jnp.zeros((2, 3)), jnp.eye(2, 3), jnp.eye(2)
+      >>> p, s, m = step(p, optax.sgd(1.0).init(p), {"x": x}, jax.random.key(0), tp)
+      >>> round(float(m["kl"]), 4)  # KL(softmax([1, 0, 0]) || uniform)
+      0.1233
+    """
+    if mesh is not None and axis_name is not None:
+        raise ValueError("give either a mesh (sharded jit) or an axis_name (pmap), not both")
+    if param_sharding not in _PARAM_SHARDINGS:
+        raise ValueError(
+            f"param_sharding must be one of {_PARAM_SHARDINGS}; got {param_sharding!r}"
+        )
+    loss_fn = distill_loss(
+        student_apply,
+        terms,
+        teacher_apply=teacher_apply,
+        teacher_dtype=teacher_dtype,
+        cache_key=cache_key,
+        axis_name=axis_name,
+    )
+    if axis_name is not None:
+
+        def psum(tree):
+            return jax.lax.psum(tree, axis_name)
+
+        return jax.pmap(
+            _step_body(loss_fn, tx, psum),
+            axis_name=axis_name,
+            in_axes=(0, 0, 0, 0, None),
+            donate_argnums=(0, 1),
+        )
+    place = None
+    if mesh is not None:
+
+        def place(tree):
+            shardings = param_shardings(tree, mesh, param_sharding)
+            return jax.lax.with_sharding_constraint(tree, shardings)
+
+    return jax.jit(_step_body(loss_fn, tx, None, place), donate_argnums=(0, 1))
