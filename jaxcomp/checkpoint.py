@@ -54,6 +54,7 @@ from flax.core import FrozenDict
 import jaxcomp
 from jaxcomp.quant import QArray
 from jaxcomp.rules import PyTree, path_str
+from jaxcomp.sparsity import BitmaskSparse, NMSparse
 
 __all__ = [
     "CheckpointError",
@@ -113,6 +114,8 @@ def register_node_type(cls: type, name: str | None = None) -> type:
 
 
 register_node_type(QArray)
+register_node_type(NMSparse)
+register_node_type(BitmaskSparse)
 
 
 def save(

@@ -57,16 +57,27 @@ def _keep_top(keys: Sequence[jax.Array], keep: jax.Array) -> list[jax.Array]:
     rows = keep.shape[0]
     start = (jnp.zeros((rows,), jnp.uint32), jnp.uint32(_TOP_BIT))
     threshold, _ = lax.fori_loop(0, 32, step, start)
-    ties_needed = keep - count(threshold, strict=True)
-    masks = []
-    ties_before = jnp.zeros((rows,), jnp.int32)
-    for k in keys:
-        above = k > threshold[:, None]
-        tie = k == threshold[:, None]
-        tie_rank = jnp.cumsum(tie, axis=1, dtype=jnp.int32) + ties_before[:, None]
-        masks.append(above | (tie & (tie_rank <= ties_needed[:, None])))
-        ties_before = ties_before + jnp.sum(tie, axis=1, dtype=jnp.int32)
-    return masks
+    above_count = count(threshold, strict=True)
+    ties_needed = keep - above_count
+    ties_total = count(threshold) - above_count
+
+    def rank_ties(_):
+        masks = []
+        ties_before = jnp.zeros((rows,), jnp.int32)
+        for k in keys:
+            above = k > threshold[:, None]
+            tie = k == threshold[:, None]
+            tie_rank = jnp.cumsum(tie, axis=1, dtype=jnp.int32) + ties_before[:, None]
+            masks.append(above | (tie & (tie_rank <= ties_needed[:, None])))
+            ties_before = ties_before + jnp.sum(tie, axis=1, dtype=jnp.int32)
+        return masks
+
+    def keep_all_ties(_):
+        return [k >= threshold[:, None] for k in keys]
+
+    # The tie ranks need a cumsum over each row, the costliest part on CPU; skip it when
+    # every tied entry is kept (the common case with continuous scores).
+    return lax.cond(jnp.all(ties_needed == ties_total), keep_all_ties, rank_ties, None)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
