@@ -89,8 +89,9 @@ def load_safetensors(path: str | os.PathLike, *, transpose: bool = True) -> PyTr
 def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
     """Packs signed codes ``[rows, cols]`` into int32 words along ``cols`` (offset encoding).
 
-    >>> pack_int32(np.array([[-8, 7, 0, 1, 0, 0, 0, 0]]), 4).view(np.uint32)
-    array([[152]], dtype=uint32)
+    >>> word = pack_int32(np.array([[-8, 7, 0, 1, 0, 0, 0, 0]]), 4)[0, 0]
+    >>> hex(int(word.view(np.uint32)))  # offset codes 0, 15, 8, 9, 8, ... from the low bits
+    '0x888898f0'
     """
     per_word = 32 // bits
     rows, cols = q.shape
