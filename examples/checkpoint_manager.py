@@ -1,9 +1,9 @@
 """Pruning inside a training loop that checkpoints with orbax's CheckpointManager.
 
 Each epoch saves params and the optimizer state (whose ``PruneState`` holds the
-masks) asynchronously with its validation accuracy; the manager keeps the 2 best
-steps by that metric and deletes the others. At the end the best step is restored,
-quantized to int8 and exported as a compact jaxcomp checkpoint.
+masks) asynchronously with its validation accuracy; the manager keeps the last 2
+steps and the best step by that metric, and deletes the others. At the end the best
+step is restored, quantized to int8 and exported as a compact jaxcomp checkpoint.
 
     python examples/checkpoint_manager.py [--epochs 12] [--out example_out/ckpt_manager]
 """
@@ -45,18 +45,23 @@ def main(epochs: int, out: str) -> None:
     def apply(p, x):
         return model.apply({"params": p}, x)
 
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2,
-        best_fn=lambda metrics: metrics["val_accuracy"],
-        best_mode="max",
-        keep_checkpoints_without_metrics=False,
+        preservation_policy=policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=2),
+                policies.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1),  # highest kept
+            ]
+        ),
         enable_async_checkpointing=True,
     )
+    history = {}
     with ocp.CheckpointManager(out / "train", options=options) as manager:
         for epoch in range(epochs):
             for x, y in jc.data.batches(ds.train, 64, seed=0, epoch=epoch):
                 params, state = step(params, state, x, y)
             acc = jc.train.accuracy(apply, params, ds.validation.x, ds.validation.y)
+            history[epoch] = acc
             manager.save(
                 epoch,
                 args=ocp.args.StandardSave({"params": params, "opt_state": state}),
@@ -65,8 +70,8 @@ def main(epochs: int, out: str) -> None:
             sparsity = jc.sparsity.summary(state.masks)[-1].sparsity
             print(f"epoch {epoch}: validation accuracy {acc:.4f}, sparsity {sparsity:.2f}")
         manager.wait_until_finished()
-        best = manager.best_step()
         kept = manager.all_steps()
+        best = max(kept, key=lambda step: (history[step], step))
         template = {"params": params, "opt_state": state}
         restored = manager.restore(best, args=ocp.args.StandardRestore(template))
 

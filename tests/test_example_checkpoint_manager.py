@@ -29,9 +29,10 @@ def test_checkpoint_manager_example(tmp_path):
         int(s) for s in re.search(r"kept steps \[([^\]]*)\]", result.stdout).group(1).split(",")
     ]
     best = int(re.search(r"best step (\d+)", result.stdout).group(1))
-    assert len(accs) == 4 and len(kept) == 2
-    assert accs[best] == max(accs)  # the manager kept the best step by the metric
-    assert sorted(accs[k] for k in kept) == sorted(accs)[-2:]  # the 2 best by the metric
+    assert len(accs) == 4
+    assert accs[best] == max(accs)  # the manager kept a best step by the metric
+    assert {2, 3} <= set(kept) and len(kept) <= 3  # the last 2, plus the best
+    assert all(accs[k] == max(accs) for k in set(kept) - {2, 3})
     assert sorted(p.name for p in (tmp_path / "run" / "train").iterdir() if p.name.isdigit()) == [
         str(s) for s in sorted(kept)
     ]
