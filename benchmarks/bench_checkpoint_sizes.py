@@ -65,7 +65,7 @@ def run(*, quick: bool = False) -> list[dict]:
             rows.append(
                 {
                     "benchmark": "checkpoint_sizes",
-                    "case": f"{name}: save / restore seconds ({n_params / 1e6:.1f}M params)",
+                    "case": f"{name}: save vs restore ({n_params / 1e6:.1f}M params; met = GB/s)",
                     "ours_ms": 1e3 * t_save,
                     "baseline_ms": 1e3 * t_restore,
                     "ratio": t_save / t_restore,

@@ -49,7 +49,8 @@ def run(*, quick: bool = False) -> list[dict]:
     return [
         row(
             "quantize_tree",
-            f"int4 g128, {n / 1e6:.1f}M params",
+            f"int4 g128, {n / 1e6:.1f}M params: {float_bytes / seconds / 1e9:.2f} GB/s; "
+            f"bytes {q_bytes / float_bytes:.3f}x (.nbytes), {q_live / float_live:.3f}x (live)",
             seconds,
             seconds,
             gb_per_s=float_bytes / seconds / 1e9,

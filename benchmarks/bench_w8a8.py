@@ -48,6 +48,11 @@ def _case(tokens: int, dim: int, repeats: int) -> list[dict]:
             passed=t_ours / t_base <= 0.125,
         )
     )
+    # the ceiling: XLA's raw int8 dot (codes given, no quantization or rescale) on this machine
+    a = jax.random.randint(jax.random.key(2), (tokens, dim), -127, 128, jnp.int32).astype(jnp.int8)
+    raw = jax.jit(lambda a, b: jax.lax.dot_general(a, b, DIMS, preferred_element_type=jnp.int32))
+    t_ours, t_base = interleaved(lambda: raw(a, q.codes), lambda: dense(x, w), repeats=repeats)
+    rows.append(row("w8a8", f"raw int8 dot, the ceiling {shape}", t_ours, t_base))
     return rows
 
 
