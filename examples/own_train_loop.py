@@ -3,7 +3,7 @@
 A Flax MLP on the digits data: distill from a teacher with the Hinton loss, prune
 to 80% inside the optimizer on a cubic schedule, then quantize to int8 and save.
 
-    python examples/own_train_loop.py [--steps 300] [--out /tmp/jaxcomp_example]
+    python examples/own_train_loop.py [--steps 300] [--out example_out/own_train_loop_ckpt]
 """
 
 import argparse

@@ -10,31 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxcomp.sparsity as sp
 from jaxcomp.train import data_mesh, replicate, shard_batch
-
-
-def _init(rng):
-    return {
-        "Dense_0": {
-            "kernel": jnp.asarray(rng.standard_normal((8, 16)) * 0.5, jnp.float32),
-            "bias": jnp.zeros(16, jnp.float32),
-        },
-        "Dense_1": {
-            "kernel": jnp.asarray(rng.standard_normal((16, 4)) * 0.5, jnp.float32),
-            "bias": jnp.zeros(4, jnp.float32),
-        },
-    }
-
-
-def _data(rng, n=32):
-    x = jnp.asarray(rng.standard_normal((n, 8)), jnp.float32)
-    y = jnp.asarray(rng.standard_normal((n, 4)), jnp.float32)
-    return x, y
-
-
-def _loss(params, x, y):
-    h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
-    out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
-    return jnp.mean((out - y) ** 2)
+from tests.sparsity.test_optax import _data, _init, _loss
 
 
 def _setup(rng, sparsity=0.75, dense=()):
