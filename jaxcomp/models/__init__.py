@@ -1,8 +1,8 @@
 """Small reference Flax models for examples, tests and benchmarks."""
 
-from jaxcomp.models._bert import BertConfig, BertEncoder, mean_pool_normalize
+from jaxcomp.models._bert import BertConfig, BertEncoder, bert_folds, mean_pool_normalize
 from jaxcomp.models._classifiers import CNN, HINTON_SIZES, MLP, NNXMLP, build_model, init_params
-from jaxcomp.models._gpt import GPT, GPTConfig
+from jaxcomp.models._gpt import GPT, GPTConfig, gpt_folds
 from jaxcomp.models._minilm import (
     MiniLM,
     bert_config_from_hf,
@@ -22,8 +22,10 @@ __all__ = [
     "MiniLM",
     "NNXMLP",
     "bert_config_from_hf",
+    "bert_folds",
     "bert_params_from_hf",
     "build_model",
+    "gpt_folds",
     "init_params",
     "load_minilm",
     "mean_pool_normalize",

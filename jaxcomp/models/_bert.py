@@ -263,3 +263,22 @@ def mean_pool_normalize(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     pooled = summed / jnp.maximum(jnp.sum(m, axis=1), 1e-9).astype(hidden.dtype)
     norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
     return pooled / jnp.maximum(norm, 1e-12).astype(hidden.dtype)
+
+
+def bert_folds(config: BertConfig) -> list:
+    """The :class:`jaxcomp.ptq.Fold` list of :class:`BertEncoder`, for AWQ and SmoothQuant.
+
+    BERT normalises after the residual add, so each LayerNorm's output feeds the
+    residual stream as well as the next kernels and cannot be rescaled exactly;
+    only ``attn/value -> attn/out`` folds (attention mixes tokens linearly).
+
+    Example:
+      >>> [f.prev for f in bert_folds(BertConfig(n_layers=2))]
+      ['layer_0/attn/value', 'layer_1/attn/value']
+    """
+    from jaxcomp.ptq import Fold
+
+    return [
+        Fold(f"layer_{i}/attn/value", (f"layer_{i}/attn/out/kernel",))
+        for i in range(config.n_layers)
+    ]

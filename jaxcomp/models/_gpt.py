@@ -152,3 +152,29 @@ class GPT(nn.Module):
         if return_hidden:
             return x
         return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
+
+
+def gpt_folds(config: GPTConfig) -> list:
+    """The :class:`jaxcomp.ptq.Fold` list of :class:`GPT`, for AWQ and SmoothQuant.
+
+    Per block: ``LayerNorm_0 -> attn/{query,key,value}``, ``attn/value -> attn/out``
+    (attention mixes tokens linearly, so value's output channels reach ``out``
+    unchanged) and ``LayerNorm_1 -> mlp/fc``; then ``ln_f -> lm_head``. ``mlp/proj``
+    reads a GELU output, which no scale folds through.
+
+    Example:
+      >>> [f.prev for f in gpt_folds(GPTConfig(n_layer=1))]
+      ['block_0/LayerNorm_0', 'block_0/attn/value', 'block_0/LayerNorm_1', 'ln_f']
+    """
+    from jaxcomp.ptq import Fold
+
+    folds = []
+    for i in range(config.n_layer):
+        b = f"block_{i}"
+        qkv = tuple(f"{b}/attn/{n}/kernel" for n in ("query", "key", "value"))
+        folds += [
+            Fold(f"{b}/LayerNorm_0", qkv),
+            Fold(f"{b}/attn/value", (f"{b}/attn/out/kernel",)),
+            Fold(f"{b}/LayerNorm_1", (f"{b}/mlp/fc/kernel",)),
+        ]
+    return [*folds, Fold("ln_f", ("lm_head/kernel",))]

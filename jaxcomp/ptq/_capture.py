@@ -29,12 +29,14 @@ class LayerStats(NamedTuple):
       count: ``int32`` number of tokens seen.
       sq_sum: ``float32 [K]``, :math:`\\sum_t x_{tj}^2` (Wanda's :math:`\\|X_j\\|^2`).
       abs_max: ``float32 [K]``, :math:`\\max_t |x_{tj}|` (SmoothQuant).
+      abs_sum: ``float32 [K]``, :math:`\\sum_t |x_{tj}|` (AWQ's mean activation magnitude).
     """
 
     hessian: jax.Array
     count: jax.Array
     sq_sum: jax.Array
     abs_max: jax.Array
+    abs_sum: jax.Array
 
 
 def init_stats(features: int) -> LayerStats:
@@ -45,7 +47,7 @@ def init_stats(features: int) -> LayerStats:
       (3, 3)
     """
     z = jnp.zeros((features,), jnp.float32)
-    return LayerStats(jnp.zeros((features, features), jnp.float32), jnp.int32(0), z, z)
+    return LayerStats(jnp.zeros((features, features), jnp.float32), jnp.int32(0), z, z, z)
 
 
 def accumulate(stats: LayerStats, x: ArrayLike, where: ArrayLike | None = None) -> LayerStats:
@@ -92,6 +94,7 @@ def accumulate(stats: LayerStats, x: ArrayLike, where: ArrayLike | None = None) 
         stats.count + jnp.sum(m, dtype=jnp.int32),
         stats.sq_sum + jnp.sum(jnp.square(xm), axis=0),
         jnp.maximum(stats.abs_max, jnp.max(jnp.abs(xm), axis=0, initial=0.0)),
+        stats.abs_sum + jnp.sum(jnp.abs(xm), axis=0),
     )
 
 
@@ -102,6 +105,7 @@ def psum_stats(stats: LayerStats, axis_name: Any) -> LayerStats:
         jax.lax.psum(stats.count, axis_name),
         jax.lax.psum(stats.sq_sum, axis_name),
         jax.lax.pmax(stats.abs_max, axis_name),
+        jax.lax.psum(stats.abs_sum, axis_name),
     )
 
 
@@ -139,14 +143,25 @@ def _recording(record: Callable[[str, jax.Array], None], nnx_paths: dict[int, st
 
 
 def _forward(model, params, x):
-    """Runs a Linen module or an NNX ``GraphDef`` on ``x``; returns the module-path map used."""
+    """Runs a Linen module, an NNX ``GraphDef`` or ``apply_fn(params, x)`` on ``x``.
+
+    Returns the thunk and the NNX module-path map it uses.
+    """
+    import flax.linen as nn
     from flax import nnx
 
     if isinstance(model, nnx.GraphDef):
         module = nnx.merge(model, params)
         paths = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)}
         return lambda: module(x), paths
-    return lambda: model.apply({"params": params}, x), {}
+    if isinstance(model, nn.Module):
+        return lambda: model.apply({"params": params}, x), {}
+    if callable(model):
+        return lambda: model(params, x), {}
+    raise TypeError(
+        f"model is {type(model).__name__}; expected a flax.linen.Module, an nnx.GraphDef "
+        "or a function apply_fn(params, x) that calls Linen modules"
+    )
 
 
 def _layer_inputs(model, params, x, targets):
@@ -207,8 +222,11 @@ def capture_stats(
     """Streams calibration batches through a model, accumulating each kernel's input statistics.
 
     Args:
-      model: a ``flax.linen.Module`` (called as ``model.apply({"params": params}, x)``)
-        or an ``nnx.GraphDef`` (called as ``nnx.merge(model, params)(x)``).
+      model: a ``flax.linen.Module`` (called as ``model.apply({"params": params}, x)``),
+        an ``nnx.GraphDef`` (called as ``nnx.merge(model, params)(x)``), or a
+        hashable function ``apply_fn(params, x)`` that applies Linen modules (for
+        models with several inputs: ``x`` may be any pytree). Pass the same
+        function object on every call, or each call compiles anew.
       params: the Linen params dict or the ``nnx.State``.
       batches: iterable of inputs ``x`` or ``(x, where)`` pairs; ``where`` is a bool
         mask of the layers' token shape (e.g. ``[batch, seq]``; padding ``False``).

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxcomp import quant
 from jaxcomp import sparsity as _sparsity
 from jaxcomp.ptq._capture import LayerStats, capture_stats, mean_hessian
+from jaxcomp.ptq._fold import leaves_by_path, replace_leaves
 from jaxcomp.ptq._gptq import gptq
 from jaxcomp.ptq._sparsegpt import sparsegpt
 from jaxcomp.ptq._wanda import wanda
@@ -111,10 +112,6 @@ def _compress_layer(name: str, kernel, stats: LayerStats | None, config):
     return w, w, keep
 
 
-def _replace(tree, new: dict[str, Any]):
-    return jax.tree_util.tree_map_with_path(lambda p, x: new.get(path_str(p), x), tree)
-
-
 def compress_model(
     model: Any,
     params: Any,
@@ -175,7 +172,7 @@ def compress_model(
         raise ValueError(f"mode is {mode!r}; expected one of {MODES}")
     configs = resolve_configs(params, rules, default)
     flat = jax.tree_util.tree_flatten_with_path(configs, is_leaf=lambda x: x is None)[0]
-    kernels = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    kernels = leaves_by_path(params)
     targets = {}
     for path, config in flat:
         if config is None or jnp.ndim(kernels[path_str(path)]) < 2:
@@ -194,7 +191,7 @@ def compress_model(
     for i, name in enumerate(order):
         if mode == "sequential" and i > 0:
             layer_stats, _ = capture_stats(
-                model, _replace(params, current), batches, targets=[name]
+                model, replace_leaves(params, current), batches, targets=[name]
             )
             stats[name] = layer_stats.get(name)
         leaf, as_float, keep = _compress_layer(name, kernels[name], stats.get(name), targets[name])
@@ -202,4 +199,4 @@ def compress_model(
         if keep is not None:
             masks[name] = keep
     mask_tree = jax.tree_util.tree_map_with_path(lambda p, x: masks.get(path_str(p)), params)
-    return _replace(params, stored), mask_tree
+    return replace_leaves(params, stored), mask_tree

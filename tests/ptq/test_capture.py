@@ -15,7 +15,7 @@ def _np_stats(x, where=None):
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     if where is not None:
         x = x[np.asarray(where).reshape(-1)]
-    return 2 * x.T @ x, len(x), (x**2).sum(0), np.abs(x).max(0, initial=0.0)
+    return 2 * x.T @ x, len(x), (x**2).sum(0), np.abs(x).max(0, initial=0.0), np.abs(x).sum(0)
 
 
 def test_accumulate_matches_numpy_with_mask(rng):
@@ -25,11 +25,12 @@ def test_accumulate_matches_numpy_with_mask(rng):
     step = jax.jit(ptq.accumulate)
     for x, w in zip(xs, ws, strict=True):
         stats = step(stats, x, w)
-    h, n, sq, mx = _np_stats(np.concatenate(xs), np.concatenate(ws))
+    h, n, sq, mx, ab = _np_stats(np.concatenate(xs), np.concatenate(ws))
     assert int(stats.count) == n
     np.testing.assert_allclose(stats.hessian, h, rtol=1e-5, atol=1e-4)  # float32 sums of ~40 terms
     np.testing.assert_allclose(stats.sq_sum, sq, rtol=1e-5)
     np.testing.assert_allclose(stats.abs_max, mx, rtol=0)
+    np.testing.assert_allclose(stats.abs_sum, ab, rtol=1e-5)
     np.testing.assert_allclose(ptq.mean_hessian(stats), h / n, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"where has shape \(3,\)"):
         ptq.accumulate(stats, xs[0], np.ones(3, bool))
@@ -56,7 +57,7 @@ def test_linen_capture_streams_and_masks(rng):
     assert order == ["Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]
     ref = _linen_inputs(params, np.concatenate(xs))
     for name in order:
-        h, n, _, _ = _np_stats(ref[name], np.concatenate(ws))
+        h, n, *_ = _np_stats(ref[name], np.concatenate(ws))
         assert int(stats[name].count) == n
         np.testing.assert_allclose(stats[name].hessian, h, rtol=1e-4, atol=1e-3)
 
