@@ -1,6 +1,7 @@
 """Calibration statistics of layer inputs: streaming ``2 X^T X`` and per-feature norms.
 
-Inputs of every ``flax.linen.Dense`` and ``flax.nnx.Linear`` kernel are captured
+Inputs of every ``flax.linen.Dense``, ``flax.linen.Einsum`` (kernels that contract
+all axes but the last) and ``flax.nnx.Linear`` kernel are captured
 during an ordinary forward pass (Linen: :func:`flax.linen.intercept_methods`;
 NNX: a temporary wrapper of ``nnx.Linear.__call__``) and folded into
 :class:`LayerStats` right away, inside ``jit``: the activations are never
@@ -114,16 +115,58 @@ def mean_hessian(stats: LayerStats) -> jax.Array:
     return stats.hessian / jnp.maximum(stats.count, 1).astype(jnp.float32)
 
 
+def einsum_inputs(einsum_str: str, inputs: jax.Array, name: str) -> jax.Array:
+    """The inputs of an ``nn.Einsum`` as rows ``[..., K]`` of its kernel's matrix view.
+
+    Supported kernels contract every axis but the last, which must be an output
+    axis (e.g. ``"btnh,nhd->btd"``: kernel ``[n, h, d]`` seen as ``[n * h, d]``, as
+    every per-layer algorithm views kernels); the inputs' contracted axes are
+    moved last in the kernel's order and flattened.
+
+    Raises:
+      ValueError: another kernel layout (naming the layer and the equation).
+    """
+    spec = einsum_str.replace(" ", "")
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    contracted = rhs[:-1]
+    if (
+        "." in spec
+        or any(c in out or c not in lhs for c in contracted)
+        or rhs[-1] not in out
+        or rhs[-1] in lhs
+    ):
+        raise ValueError(
+            f"{name}: einsum {einsum_str!r} is not supported for calibration; the kernel must "
+            "contract all its axes but the last, which must be an output axis "
+            "(e.g. 'btnh,nhd->btd')"
+        )
+    free = [c for c in lhs if c not in contracted]
+    perm = [lhs.index(c) for c in free + list(contracted)]
+    x = jnp.transpose(inputs, perm)
+    return x.reshape(*x.shape[: len(free)], -1)
+
+
 @contextlib.contextmanager
-def _recording(record: Callable[[str, jax.Array], None], nnx_paths: dict[int, str]):
-    """Calls ``record(kernel_path, inputs)`` for every Linen Dense / NNX Linear call."""
+def _recording(record: Callable[[str, Callable[[], jax.Array]], None], nnx_paths: dict[int, str]):
+    """Calls ``record(kernel_path, get_inputs)`` for every Linen Dense / Einsum, NNX Linear call.
+
+    ``get_inputs()`` returns the inputs as ``[..., K]`` (it raises for an Einsum
+    layout that calibration does not support, so only recorded layers need one).
+    """
     import flax.linen as nn
     from flax import nnx
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, nn.Dense) and args:
-            record("/".join([*(str(p) for p in module.path), "kernel"]), args[0])
+        if context.method_name == "__call__" and args:
+            path = "/".join([*(str(p) for p in module.path), "kernel"])
+            if isinstance(module, nn.Dense):
+                record(path, lambda: args[0])
+            elif isinstance(module, nn.Einsum):
+                spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+                spec = spec or module.einsum_str
+                record(path, lambda: einsum_inputs(spec, args[0], path))
         return next_fun(*args, **kwargs)
 
     original = nnx.Linear.__call__
@@ -131,7 +174,7 @@ def _recording(record: Callable[[str, jax.Array], None], nnx_paths: dict[int, st
     @functools.wraps(original)
     def linear_call(self, inputs, *args, **kwargs):
         if id(self) in nnx_paths:
-            record("/".join(filter(None, [nnx_paths[id(self)], "kernel"])), inputs)
+            record("/".join(filter(None, [nnx_paths[id(self)], "kernel"])), lambda: inputs)
         return original(self, inputs, *args, **kwargs)
 
     nnx.Linear.__call__ = linear_call
@@ -168,9 +211,14 @@ def _layer_inputs(model, params, x, targets):
     """Traces one forward pass; returns ``({path: inputs}, order)`` (abstract under eval_shape)."""
     seen: dict[str, jax.Array] = {}
 
-    def record(name, inputs):
-        if (targets is None or name in targets) and name not in seen:
-            seen[name] = inputs
+    def record(name, get_inputs):
+        if name in seen:
+            return
+        if targets is not None and name in targets:
+            seen[name] = get_inputs()
+        elif targets is None:
+            with contextlib.suppress(ValueError):  # untargeted: unsupported Einsums are skipped
+                seen[name] = get_inputs()
 
     run, paths = _forward(model, params, x)
     with _recording(record, paths):
@@ -195,9 +243,9 @@ def _stats_step(params, stats, x, where, *, model, targets):
     stats = dict(stats)
     calls: list[tuple[str, jax.Array]] = []
 
-    def record(name, inputs):
+    def record(name, get_inputs):
         if name in stats:
-            calls.append((name, inputs))
+            calls.append((name, get_inputs()))
 
     run, paths = _forward(model, params, x)
     with _recording(record, paths):
@@ -231,7 +279,9 @@ def capture_stats(
       batches: iterable of inputs ``x`` or ``(x, where)`` pairs; ``where`` is a bool
         mask of the layers' token shape (e.g. ``[batch, seq]``; padding ``False``).
         Batches may be sharded over a data-parallel mesh (sums are reduced by XLA).
-      targets: kernel paths to record (``None``: every Dense / Linear kernel).
+      targets: kernel paths to record (``None``: every Dense / Linear kernel and every
+        Einsum kernel of a supported layout; a targeted Einsum of another layout
+        is a ``ValueError``).
 
     Returns:
       ``(stats, order)``: ``{kernel path: LayerStats}`` and the paths in call order.

@@ -111,3 +111,45 @@ def test_nan_activations_and_bad_mask(rng):
         ptq.capture_stats(model, params, [x])
     with pytest.raises(ValueError, match=r"mask has shape \(5,\)"):
         ptq.capture_stats(model, params, [(x, np.ones(5, bool))])
+
+
+class _EinsumNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x [b, t, n, h]
+        y = nn.Einsum((3, 4, 6), "btnh,nhd->btd", name="merge")(x)
+        return nn.Einsum((6, 5), "btd,de->bte", use_bias=False, name="head")(nn.relu(y))
+
+
+def test_einsum_capture_and_gptq(rng):
+    model = _EinsumNet()
+    x = rng.normal(size=(2, 7, 3, 4)).astype(np.float32)
+    where = rng.random((2, 7)) < 0.8
+    params = model.init(jax.random.key(0), x)["params"]
+    stats, order = ptq.capture_stats(model, params, [(x, where)])
+    assert order == ["merge/kernel", "head/kernel"]
+    rows = x.reshape(2, 7, 12)[where].astype(np.float64)  # contracted (n, h) flattened in order
+    np.testing.assert_allclose(
+        stats["merge/kernel"].hessian, 2 * rows.T @ rows, rtol=1e-5, atol=1e-4
+    )
+    assert int(stats["merge/kernel"].count) == where.sum()
+    qparams, _ = ptq.compress_model(model, params, [(x, where)], default=ptq.GPTQConfig(bits=8))
+    assert qparams["merge"]["kernel"].shape == (3, 4, 6)
+    np.testing.assert_allclose(
+        qparams["merge"]["kernel"].dequantize(), params["merge"]["kernel"], atol=0.02
+    )
+
+
+class _HeadsEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((4, 2, 3), "btd,dnh->btnh", name="qkv")(x)
+
+
+def test_unsupported_einsum_is_named_when_targeted(rng):
+    model = _HeadsEinsum()
+    x = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    stats, order = ptq.capture_stats(model, params, [x])  # untargeted: skipped
+    assert order == [] and stats == {}
+    with pytest.raises(ValueError, match=r"qkv/kernel: einsum 'btd,dnh->btnh' is not supported"):
+        ptq.capture_stats(model, params, [x], targets=["qkv/kernel"])
