@@ -153,3 +153,24 @@ def test_unsupported_einsum_is_named_when_targeted(rng):
     assert order == [] and stats == {}
     with pytest.raises(ValueError, match=r"qkv/kernel: einsum 'btd,dnh->btnh' is not supported"):
         ptq.capture_stats(model, params, [x], targets=["qkv/kernel"])
+
+
+def test_capture_keeps_no_batch_alive(rng):
+    """Streaming: a batch (and its activations) is released once the next one is read."""
+    import gc
+    import weakref
+
+    model = MLP((12,), 4)
+    params = init_params(model, (8,))
+    refs = []
+
+    def batches():
+        for _ in range(12):
+            gc.collect()
+            assert sum(r() is not None for r in refs) <= 1, "earlier batches are still alive"
+            x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+            refs.append(weakref.ref(x))
+            yield x
+
+    stats, _ = ptq.capture_stats(model, params, batches())
+    assert int(stats["Dense_0/kernel"].count) == 12 * 16
