@@ -400,7 +400,7 @@ def test_registered_node_types(tmp_path, monkeypatch):
     node = _Sparse(jnp.arange(3, dtype=jnp.float32), jnp.array([0, 2, 5], jnp.int32), None, (2, 3))
     with pytest.raises(TypeError, match=r"leaf 'x' has type _Sparse.*register_node_type"):
         ckpt.save(tmp_path / "unregistered", {"x": node})
-    monkeypatch.setitem(ckpt._NODE_TYPES, "_Sparse", _Sparse)
+    monkeypatch.setitem(ckpt._spec.NODE_TYPES, "_Sparse", _Sparse)
     with pytest.raises(ValueError, match="already registered"):
         ckpt.register_node_type(QArray, name="_Sparse")
     assert ckpt.register_node_type(_Sparse) is _Sparse
@@ -410,7 +410,7 @@ def test_registered_node_types(tmp_path, monkeypatch):
     other = _Sparse(node.values, node.indices, None, (3, 2))
     with pytest.raises(ValueError, match="at 'x': shape is"):
         ckpt.restore(tmp_path / "sparse", {"x": other})
-    monkeypatch.delitem(ckpt._NODE_TYPES, "_Sparse")
+    monkeypatch.delitem(ckpt._spec.NODE_TYPES, "_Sparse")
     with pytest.raises(ckpt.CheckpointError, match="'_Sparse' is not registered"):
         ckpt.restore(tmp_path / "sparse")
 
@@ -453,7 +453,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
             print("WRITING", flush=True)
             time.sleep(120)
 
-        checkpoint._write_sidecar = hang
+        checkpoint._files.write_sidecar = hang
         checkpoint.save(sys.argv[1], {"w": np.ones((256, 1024), np.float32)}, overwrite=True)
         """
     )
