@@ -1,4 +1,4 @@
-"""A QAT train step (int4 STE and LSQ fake quantization) against the float train step."""
+"""A QAT train step (int4 STE and LSQ weights, STE + int8 activations) against the float step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from benchmarks._harness import interleaved, row
 from jaxcomp import models, quant
 
 CONFIG = quant.QuantConfig(bits=4)
+NAMES = {"ste": "ste int4", "lsq": "lsq int4", "ste_act8": "ste int4 + int8 activations"}
 
 
 def _steps(model, tx, x, y):
@@ -18,7 +19,13 @@ def _steps(model, tx, x, y):
             params = quant.fake_quantize_tree(params, default=CONFIG)
         elif fake == "lsq":
             params = quant.fake_quantize_tree(params, default=CONFIG, scales=scales)
-        logits = model.apply({"params": params}, x)
+        if fake == "ste_act8":  # int4 STE weights and per-token int8 activations
+            with quant.fake_quant_activations(bits=8):
+                logits = model.apply(
+                    {"params": quant.fake_quantize_tree(params, default=CONFIG)}, x
+                )
+        else:
+            logits = model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def make(fake):
@@ -30,7 +37,7 @@ def _steps(model, tx, x, y):
 
         return step
 
-    return {fake: make(fake) for fake in ("float", "ste", "lsq")}
+    return {fake: make(fake) for fake in ("float", "ste", "lsq", "ste_act8")}
 
 
 def run(*, quick: bool = False) -> list[dict]:
@@ -46,7 +53,12 @@ def run(*, quick: bool = False) -> list[dict]:
     lsq_train = {"params": params, "scales": scales}
     float_state, lsq_state = tx.init(float_train), tx.init(lsq_train)
     rows = []
-    for fake, train, state in (("ste", float_train, float_state), ("lsq", lsq_train, lsq_state)):
+    cases = (
+        ("ste", float_train, float_state),
+        ("lsq", lsq_train, lsq_state),
+        ("ste_act8", float_train, float_state),
+    )
+    for fake, train, state in cases:
         t_ours, t_base = interleaved(
             lambda f=fake, t=train, s=state: steps[f](t, s),
             lambda: steps["float"](float_train, float_state),
@@ -55,7 +67,7 @@ def run(*, quick: bool = False) -> list[dict]:
         rows.append(
             row(
                 "qat",
-                f"{fake} int4 step, MLP 2x800, batch {batch}",
+                f"{NAMES[fake]} step, MLP 2x800, batch {batch}",
                 t_ours,
                 t_base,
                 target="<= 1.3",

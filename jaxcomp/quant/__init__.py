@@ -1,5 +1,10 @@
 """Quantization: ``QArray``, quantize/dequantize, trees, fake quantization, QAT, matmuls."""
 
+from jaxcomp.quant._act_quant import (
+    fake_quant_activation,
+    fake_quant_activations,
+    fake_quant_dot_general,
+)
 from jaxcomp.quant._config import QuantConfig
 from jaxcomp.quant._execution import quantized_apply, quantized_execution
 from jaxcomp.quant._fake_quant import fake_quant
@@ -21,6 +26,9 @@ __all__ = [
     "dequantize",
     "dequantize_tree",
     "fake_quant",
+    "fake_quant_activation",
+    "fake_quant_activations",
+    "fake_quant_dot_general",
     "fake_quantize_tree",
     "fp8_dot_general",
     "init_lsq_scales",

@@ -16,13 +16,14 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxcomp.quant import _layout
+from jaxcomp.quant import _formats, _layout
 from jaxcomp.quant._qarray import QArray
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -275,6 +276,108 @@ def fp8_dot_general(
     )
 
 
+_BLOCK_BYTES = 2 << 20  # dequantized rows per scan step: about an L2 cache's worth
+_TOKENS_PER_ROW = 4  # blocked form only while tokens * codes_per_byte <= 4 * block rows
+
+
+def _block_rows(q: QArray, itemsize: int) -> int | None:
+    """Rows of the matrix view dequantized per step, or ``None`` for one whole-matrix step.
+
+    A block is a whole number of scale groups and of packed bytes, divides ``K``
+    and holds at most ``_BLOCK_BYTES`` of dequantized weights; blocking is used
+    only when it gives at least two blocks.
+    """
+    k, n = _layout.view_2d_shape(q.shape, q.channel_axis)
+    if q.channel_axis is None or k * n * itemsize <= 2 * _BLOCK_BYTES:
+        return None
+    unit = q.group_size or _layout.codes_per_byte(q.bits)
+    if q.group_size is not None and q.group_size % _layout.codes_per_byte(q.bits):
+        return None
+    most = max(_BLOCK_BYTES // (n * itemsize), 1)
+    units = k // unit
+    if units * unit != k:
+        return None
+    best = next(m for m in range(max(most // unit, 1), 0, -1) if units % m == 0)
+    rows = best * unit
+    return rows if k // rows >= 2 else None
+
+
+def _blocked_dot(x2d: jax.Array, q: QArray, rows: int, acc_dtype, precision) -> jax.Array:
+    """``x2d [M, K] @ dequantize(q) [K, N]``, dequantizing ``rows`` rows per ``lax.scan`` step.
+
+    The dequantized block stays in cache between its unpacking and its dot, so
+    only the packed codes travel from memory (the whole-matrix form writes and
+    reads back a float32 ``[K, N]``). Packed codes are not interleaved back into
+    rows: slot ``j`` of every byte (rows ``j, j + p, ...``) is dequantized on its
+    own and multiplied by the matching strided columns ``x[:, j::p]``.
+    """
+    k, n = _layout.view_2d_shape(q.shape, q.channel_axis)
+    blocks = k // rows
+    per = _layout.codes_per_byte(q.bits) if q.packed else 1
+    codes = q.codes.reshape(blocks, rows // per, n)
+    xs = x2d.reshape(x2d.shape[0], blocks, rows).transpose(1, 0, 2)
+    grouped = q.group_size is not None  # then each block has its own scale rows
+
+    def per_block(a):
+        if a is None or not grouped:
+            return None
+        return a.reshape(blocks, a.shape[0] // blocks, n)
+
+    slot = 8 // per
+
+    def step(acc, block):
+        c, s, z, xb = block
+        s, z = (s, z) if grouped else (q.scale, q.zero_point)
+        for j in range(per):  # slot j of packed row r holds row r * per + j: no interleaving
+            if q.packed:
+                u = (c >> jnp.uint8(j * slot)) & jnp.uint8((1 << slot) - 1)
+                v = _formats.from_unsigned(u, q.fmt, q.bits)
+            elif q.fmt == "int":
+                v = c.astype(jnp.float32)
+            else:
+                v = _formats.from_unsigned(c, q.fmt, q.bits)
+            v = v.reshape(s.shape[0], -1, n)  # [groups in the block, rows // per per group, N]
+            if z is not None:
+                v = v - z.astype(jnp.float32)[:, None, :]
+            w = (v * s[:, None, :]).reshape(-1, n)
+            acc = acc + jax.lax.dot_general(
+                xb[:, j::per],
+                w.astype(q.dtype).astype(xb.dtype),
+                (((1,), (0,)), ((), ())),
+                precision,
+                preferred_element_type=acc_dtype,
+            )
+        return acc, None
+
+    acc = jnp.zeros((x2d.shape[0], n), acc_dtype)
+    scanned = (codes, per_block(q.scale), per_block(q.zero_point), xs)
+    return jax.lax.scan(step, acc, scanned)[0]
+
+
+def _blockable(q: QArray, dims, lhs_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
+    """The lhs contraction axes and block rows when the blocked form applies, else ``None``.
+
+    It applies when there are no batch axes and the rhs contraction axes are all
+    the axes but ``channel_axis``, in order (so the contraction is the matrix
+    view's rows): a Dense kernel ``[in, out]``, an Einsum kernel ``[a, b, out]``;
+    and when the tokens (lhs rows) are few enough (decoding, small batches) for
+    the per-block accumulations to cost less than one float weight.
+    """
+    lc, rc, lb, rb = _normalize_dims(dims, len(lhs_shape), q.ndim)
+    if lb or rb or q.channel_axis is None:
+        return None
+    if rc != tuple(d for d in range(q.ndim) if d != q.channel_axis):
+        return None
+    rows = _block_rows(q, 4)
+    tokens = math.prod(lhs_shape[d] for d in range(len(lhs_shape)) if d not in lc)
+    per = _layout.codes_per_byte(q.bits) if q.packed else 1
+    # each block costs one [tokens, N] accumulation per slot: past about 4 * rows / per
+    # tokens that traffic exceeds the one-off float weight (measured: 512 tokens lose)
+    if rows is None or tokens * per > _TOKENS_PER_ROW * rows:
+        return None
+    return lc, rows
+
+
 def weight_only_dot_general(
     lhs: ArrayLike,
     rhs: QArray | ArrayLike,
@@ -292,8 +395,17 @@ def weight_only_dot_general(
 
     Any QArray works (2-8 bits, groups, zero points, fp8, NF4): only the packed
     codes and scales live in memory between calls; the float weight exists only
-    inside the compiled program (XLA fuses the unpacking into the consumer where
-    the backend can). Float ``rhs`` passes through unchanged.
+    inside the compiled program. When the contraction runs over the rows of the
+    QArray's matrix view (a Dense kernel ``[in, out]``, an Einsum kernel whose
+    only free axis is ``channel_axis``), the float weight would exceed 4 MiB and
+    the tokens are few (at most ``4 * rows / codes_per_byte``: 256 for int4
+    group 128 with 4096 outputs, i.e. decoding and small batches), the rows are
+    dequantized in blocks of ``rows`` (whole groups, about 2 MiB of float32)
+    inside a ``lax.scan`` that accumulates ``x_block @ w_block`` in float32, so
+    each block is used while it is in cache (for packed codes, one dot per slot
+    of the byte, so nibbles are never interleaved); otherwise the whole weight
+    is dequantized before one dot. Both give the float dot of the dequantized
+    weight up to float32 summation order. Float ``rhs`` passes through unchanged.
 
     Args:
       lhs: float activations.
@@ -314,8 +426,20 @@ def weight_only_dot_general(
     lhs = jnp.asarray(lhs)
     if not jnp.issubdtype(lhs.dtype, jnp.floating):
         raise TypeError(f"weight_only_dot_general expects float activations; got {lhs.dtype}")
-    w = rhs.dequantize() if isinstance(rhs, QArray) else jnp.asarray(rhs)
     out = preferred_element_type or lhs.dtype
+    plan = None
+    if isinstance(rhs, QArray) and out_sharding is None and jnp.issubdtype(out, jnp.floating):
+        plan = _blockable(rhs, dimension_numbers, lhs.shape)
+    if plan is not None:
+        lc, rows = plan
+        free = tuple(d for d in range(lhs.ndim) if d not in lc)
+        m = math.prod(lhs.shape[d] for d in free)
+        x2d = jnp.transpose(lhs, free + lc).reshape(m, math.prod(lhs.shape[d] for d in lc))
+        acc_dtype = out if jnp.finfo(out).bits >= 32 else jnp.float32
+        y = _blocked_dot(x2d, rhs, rows, acc_dtype, precision)
+        n = rhs.shape[rhs.channel_axis]
+        return y.reshape(tuple(lhs.shape[d] for d in free) + (n,)).astype(out)
+    w = rhs.dequantize() if isinstance(rhs, QArray) else jnp.asarray(rhs)
     return jax.lax.dot_general(
         lhs,
         w.astype(lhs.dtype),
