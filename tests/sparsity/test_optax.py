@@ -310,3 +310,39 @@ def test_prune_random_and_saliency_scores(rng):
     expected = sp.compute_masks(params, sparsity=0.5, score="saliency", grads=grads)
     for a, b in zip(_kernels(state.masks), _kernels(expected), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_prune_under_pmap_matches_one_device(rng):
+    """8 replicas with pmean'd gradients prune exactly as one device on the whole batch."""
+    params = _init(rng)
+    sched = sp.polynomial_schedule(0.75, begin_step=0, end_step=6, frequency=2)
+    tx = sp.prune(optax.sgd(0.05, momentum=0.9), schedule=sched)
+    n = jax.device_count()
+
+    def step(params, state, x, y):
+        grads = jax.lax.pmean(jax.grad(_loss)(params, x, y), "batch")
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    pstep = jax.pmap(step, axis_name="batch")
+    replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * n), tree)  # noqa: E731
+    rparams, rstate = replicate(params), replicate(tx.init(params))
+    single, sstate = params, tx.init(params)
+    one = _step_fn(tx)
+    x, y = _data(rng, n=64)
+    for _ in range(9):
+        rparams, rstate = pstep(rparams, rstate, x.reshape(n, 8, 8), y.reshape(n, 8, 4))
+        single, sstate = one(single, sstate, x, y)
+    for w, m, ws, ms in zip(
+        _kernels(rparams),
+        _kernels(rstate.masks),
+        _kernels(single),
+        _kernels(sstate.masks),
+        strict=True,
+    ):
+        assert np.all(m == m[:1]) and np.all(w == w[:1])  # replicas agree exactly
+        np.testing.assert_array_equal(m[0], ms)  # same masks as one device
+        assert m[0].size - m[0].sum() == round(0.75 * m[0].size)
+        assert np.all(w[:, ~m[0]] == 0.0)
+        # the mean over 8 shards of 8 rows vs one mean over 64 rows: float32 summation order
+        np.testing.assert_allclose(w[0], ws, rtol=1e-5, atol=1e-6)
