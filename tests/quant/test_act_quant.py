@@ -207,3 +207,25 @@ def test_qat_training_with_weights_and_activations_fake_quantized(rng, standard_
         losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0]
     assert step._cache_size() == 1  # no recompiles
+
+
+def test_activation_fake_quant_on_the_device_mesh(rng):
+    """Per-token scales need no communication: a batch sharded over 8 devices gives the
+    single-device result, and the STE gradient reduces like any other."""
+    from jaxcomp import train
+
+    model = _MLP()
+    x = jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(params, x):
+        with quant.fake_quant_activations(bits=4):
+            return jnp.mean(model.apply({"params": quant.fake_quantize_tree(params)}, x) ** 2)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    mesh = train.data_mesh()
+    ref_value, ref_grad = value_and_grad(params, x)
+    value, grad = value_and_grad(train.replicate(params, mesh), train.shard_batch(x, mesh))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 reduction order
