@@ -133,10 +133,12 @@ def run_seed(ds, seed: int, args) -> dict:
     def adam(epochs):
         return optax.adam(optax.cosine_decay_schedule(args.lr, epochs * steps_per_epoch))
 
-    def test_accuracy(model, params):
-        return jc.train.accuracy(lambda p, x: model.apply({"params": p}, x), params, *test)
+    def test_accuracy(model, params, split=None):
+        split = split or test
+        return jc.train.accuracy(lambda p, x: model.apply({"params": p}, x), params, *split)
 
     test = (ds.test.x, ds.test.y)
+    validation = (ds.validation.x, ds.validation.y)
     teacher = MLP(features=sizes["teacher"], num_classes=ds.num_classes, dropout_rate=args.dropout)
     tx = adam(args.teacher_epochs)
     t_params, t_losses = fit(
@@ -149,6 +151,7 @@ def run_seed(ds, seed: int, args) -> dict:
         desc=f"seed {seed}: teacher",
     )
     result = {"seed": seed, "teacher": test_accuracy(teacher, t_params)}
+    result["validation"] = {"teacher": test_accuracy(teacher, t_params, validation)}
 
     student = MLP(features=sizes["student"], num_classes=ds.num_classes)
     tx = adam(args.epochs)
@@ -162,10 +165,13 @@ def run_seed(ds, seed: int, args) -> dict:
         desc=f"seed {seed}: student, labels only",
     )
     result["labels_only"] = test_accuracy(student, s_params)
-    if result["teacher"] <= result["labels_only"]:
+    result["validation"]["labels_only"] = test_accuracy(student, s_params, validation)
+    val = result["validation"]
+    if val["teacher"] <= val["labels_only"]:
         print(
-            f"seed {seed}: warning: the teacher ({result['teacher']:.4f}) is not more accurate "
-            f"than the student trained on labels ({result['labels_only']:.4f}); soft targets "
+            f"seed {seed}: warning: the teacher ({val['teacher']:.4f} validation accuracy) is "
+            f"not more accurate than the student trained on labels ({val['labels_only']:.4f}); "
+            "soft targets "
             "can hardly help (train the teacher longer)",
             file=sys.stderr,
             flush=True,
@@ -195,10 +201,13 @@ def run_seed(ds, seed: int, args) -> dict:
         distill=True,
     )
     result["distilled"] = test_accuracy(student, d_params)
+    result["validation"]["distilled"] = test_accuracy(student, d_params, validation)
     result["losses"] = {"teacher": t_losses, "labels_only": s_losses, "distilled": d_losses}
     print(
-        f"seed {seed}: test accuracy teacher {result['teacher']:.4f}, labels only "
-        f"{result['labels_only']:.4f}, distilled {result['distilled']:.4f}",
+        f"seed {seed}: validation accuracy teacher {val['teacher']:.4f}, labels only "
+        f"{val['labels_only']:.4f}, distilled {val['distilled']:.4f}; test accuracy teacher "
+        f"{result['teacher']:.4f}, labels only {result['labels_only']:.4f}, distilled "
+        f"{result['distilled']:.4f}",
         file=sys.stderr,
         flush=True,
     )
