@@ -92,6 +92,21 @@ def test_keep_masks_keeps_pruned_weights_at_zero(rng, inner):
     assert np.any(np.asarray(params["Dense_0"]["bias"]) != 0.0)
 
 
+def _pmap_step_fn(tx):
+    """A pmap'd train step with gradients averaged over the ``"batch"`` axis."""
+
+    def step(params, state, x, y):
+        grads = jax.lax.pmean(jax.grad(_loss)(params, x, y), "batch")
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.pmap(step, axis_name="batch")
+
+
+def _replicate(tree, n):
+    return jax.tree.map(lambda a: jnp.stack([a] * n), tree)
+
+
 def test_keep_masks_under_pmap_with_replicated_params(rng):
     params = _init(rng)
     masks = sp.compute_masks(params, sparsity=0.5)
@@ -99,15 +114,8 @@ def test_keep_masks_under_pmap_with_replicated_params(rng):
     tx = optax.chain(_lenient(optax.adamw(1e-2, weight_decay=0.1)), sp.keep_masks(masks))
     n = jax.device_count()
     assert n == 8
-
-    def step(params, state, x, y):
-        grads = jax.lax.pmean(jax.grad(_loss)(params, x, y), "batch")
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    pstep = jax.pmap(step, axis_name="batch")
-    replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * n), tree)  # noqa: E731
-    rparams, rstate = replicate(params), replicate(tx.init(params))
+    pstep = _pmap_step_fn(tx)
+    rparams, rstate = _replicate(params, n), _replicate(tx.init(params), n)
     x, y = _data(rng, n=64)
     for _ in range(10):
         rparams, rstate = pstep(rparams, rstate, x.reshape(n, 8, 8), y.reshape(n, 8, 4))
@@ -318,15 +326,8 @@ def test_prune_under_pmap_matches_one_device(rng):
     sched = sp.polynomial_schedule(0.75, begin_step=0, end_step=6, frequency=2)
     tx = sp.prune(optax.sgd(0.05, momentum=0.9), schedule=sched)
     n = jax.device_count()
-
-    def step(params, state, x, y):
-        grads = jax.lax.pmean(jax.grad(_loss)(params, x, y), "batch")
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    pstep = jax.pmap(step, axis_name="batch")
-    replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * n), tree)  # noqa: E731
-    rparams, rstate = replicate(params), replicate(tx.init(params))
+    pstep = _pmap_step_fn(tx)
+    rparams, rstate = _replicate(params, n), _replicate(tx.init(params), n)
     single, sstate = params, tx.init(params)
     one = _step_fn(tx)
     x, y = _data(rng, n=64)
