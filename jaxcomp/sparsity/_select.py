@@ -273,6 +273,35 @@ def _search_threshold(keys: Sequence[jax.Array], keep: jax.Array) -> _Search:
     return _Search(threshold, above, at_least, steps, missed)
 
 
+TIE_BLOCK = 4096  # columns per block when ranking ties blockwise
+
+
+def _first_ties(tie: jax.Array, wanted: jax.Array) -> jax.Array:
+    """The first ``wanted[g]`` True entries of each row of ``tie`` ``[G, n]`` (all if more).
+
+    A cumsum over whole rows is the costliest pass on CPU, so long rows are cut into
+    blocks of ``TIE_BLOCK``: whole blocks are kept or dropped from their tie counts,
+    and only the one block per row where the count runs out is ranked by a cumsum.
+    """
+    g, n = tie.shape
+    if n < 4 * TIE_BLOCK:
+        return tie & (jnp.cumsum(tie, axis=1, dtype=jnp.int32) <= wanted[:, None])
+    blocks = -(-n // TIE_BLOCK)
+    padded = jnp.pad(tie, ((0, 0), (0, blocks * TIE_BLOCK - n))).reshape(g, blocks, TIE_BLOCK)
+    counts = jnp.sum(padded, axis=2, dtype=jnp.int32)  # [G, blocks]
+    before = jnp.cumsum(counts, axis=1) - counts  # ties in the earlier blocks
+    left = wanted[:, None] - before  # ties still wanted when each block starts
+    whole = left >= counts  # every tie of the block is kept
+    partial = (left > 0) & ~whole  # at most one block per row
+    at = jnp.argmax(partial, axis=1)  # [G]; any block if none is partial (then unused)
+    block = jnp.take_along_axis(padded, at[:, None, None], axis=1)[:, 0]  # [G, TIE_BLOCK]
+    budget = jnp.take_along_axis(left, at[:, None], axis=1)  # [G, 1]
+    in_block = block & (jnp.cumsum(block, axis=1, dtype=jnp.int32) <= budget)
+    chosen = (jnp.arange(blocks)[None, :] == at[:, None]) & jnp.any(partial, axis=1)[:, None]
+    kept = padded & (whole[:, :, None] | (chosen[:, :, None] & in_block[:, None, :]))
+    return kept.reshape(g, blocks * TIE_BLOCK)[:, :n]
+
+
 def _keep_top(keys: Sequence[jax.Array], keep: jax.Array) -> list[jax.Array]:
     """Keeps the ``keep[g]`` largest keys of each row ``g`` across ``keys``.
 
@@ -296,8 +325,8 @@ def _keep_top(keys: Sequence[jax.Array], keep: jax.Array) -> list[jax.Array]:
         for k in keys:
             above = k > threshold[:, None]
             tie = k == threshold[:, None]
-            tie_rank = jnp.cumsum(tie, axis=1, dtype=jnp.int32) + ties_before[:, None]
-            masks.append(above | (tie & (tie_rank <= ties_needed[:, None])))
+            kept_ties = _first_ties(tie, ties_needed - ties_before)
+            masks.append(above | kept_ties)
             ties_before = ties_before + jnp.sum(tie, axis=1, dtype=jnp.int32)
         return masks
 

@@ -76,6 +76,14 @@ def test_sampled_search_is_exact(rng, kind):
     _check(rng, kind, widths=(12_000, 8_000), rows=2)
 
 
+@pytest.mark.parametrize("kind", ("few_values", "bfloat16", "constant"))
+def test_ties_in_long_rows_are_ranked_blockwise_and_exactly(rng, kind):
+    # arrays of >= 4 * TIE_BLOCK columns rank their ties block by block; the cut falls
+    # inside a block, on a block edge, or in the second array, depending on keep
+    width = 4 * _select.TIE_BLOCK
+    _check(rng, kind, widths=(width + 123, width), rows=2, n_keeps=4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_short_rows_are_exact(rng, kind):
     # rows short enough to sample every entry; three arrays, one narrower than the stride
