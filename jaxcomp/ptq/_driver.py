@@ -112,6 +112,29 @@ def _compress_layer(name: str, kernel, stats: LayerStats | None, config):
     return w, w, keep
 
 
+def ruled_kernels(params, rules: Rules | None, default, allowed: tuple[type, ...]) -> dict:
+    """``{kernel path: config}`` for every leaf of rank >= 2 that a rule (or ``default``) names.
+
+    Rules may also match biases and norms; those leaves are skipped. A config of a
+    type not in ``allowed`` is a ``TypeError`` naming the leaf.
+    """
+    configs = resolve_configs(params, rules, default)
+    flat = jax.tree_util.tree_flatten_with_path(configs, is_leaf=lambda x: x is None)[0]
+    leaves = leaves_by_path(params)
+    targets = {}
+    for path, config in flat:
+        name = path_str(path)
+        if config is None or jnp.ndim(leaves[name]) < 2:
+            continue
+        if not isinstance(config, allowed):
+            raise TypeError(
+                f"{name}: config is {config!r}; expected one of "
+                f"{[c.__name__ for c in allowed]} or None"
+            )
+        targets[name] = config
+    return targets
+
+
 def compress_model(
     model: Any,
     params: Any,
@@ -170,19 +193,8 @@ def compress_model(
     """
     if mode not in MODES:
         raise ValueError(f"mode is {mode!r}; expected one of {MODES}")
-    configs = resolve_configs(params, rules, default)
-    flat = jax.tree_util.tree_flatten_with_path(configs, is_leaf=lambda x: x is None)[0]
     kernels = leaves_by_path(params)
-    targets = {}
-    for path, config in flat:
-        if config is None or jnp.ndim(kernels[path_str(path)]) < 2:
-            continue  # rules may also match biases: only kernels are compressed
-        if not isinstance(config, CONFIGS):
-            raise TypeError(
-                f"{path_str(path)}: config is {config!r}; expected one of "
-                f"{[c.__name__ for c in CONFIGS]} or None"
-            )
-        targets[path_str(path)] = config
+    targets = ruled_kernels(params, rules, default, CONFIGS)
     if mode == "sequential" and iter(batches) is batches:
         raise TypeError("mode='sequential' re-reads the calibration batches: pass a list")
     stats, order = capture_stats(model, params, batches, targets=targets)

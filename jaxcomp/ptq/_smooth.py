@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jaxcomp import quant
 from jaxcomp.ptq._awq import awq_scales, quantize_clipped
 from jaxcomp.ptq._capture import LayerStats, capture_stats, mean_hessian
+from jaxcomp.ptq._driver import ruled_kernels
 from jaxcomp.ptq._fold import Fold, check_fold, fold_scales, leaves_by_path, replace_leaves
-from jaxcomp.rules import Rules, path_str, resolve_configs
+from jaxcomp.rules import Rules
 
 MIN_SCALE = 1e-5  # SmoothQuant's clamp of channel maxima
 
@@ -167,22 +168,16 @@ def smoothquant_model(
 
 
 def _awq_targets(params, rules, default) -> dict[str, AWQConfig]:
-    configs = resolve_configs(params, rules, default)
-    flat = jax.tree_util.tree_flatten_with_path(configs, is_leaf=lambda x: x is None)[0]
     leaves = leaves_by_path(params)
-    targets = {}
-    for path, config in flat:
-        name = path_str(path)
-        if config is None or jnp.ndim(leaves[name]) != 2:
-            continue  # rules may also match biases and norms: only Dense kernels are quantized
-        if not isinstance(config, AWQConfig):
-            raise TypeError(f"{name}: config is {config!r}; expected an AWQConfig or None")
-        if config.group_size is not None and leaves[name].shape[0] % config.group_size:
+    targets = ruled_kernels(params, rules, default, (AWQConfig,))
+    for name, config in targets.items():
+        shape = jnp.shape(leaves[name])
+        if len(shape) != 2:
+            raise ValueError(f"{name}: AWQ needs a Dense kernel [in, out]; got shape {shape}")
+        if config.group_size is not None and shape[0] % config.group_size:
             raise ValueError(
-                f"{name}: group_size {config.group_size} does not divide the "
-                f"{leaves[name].shape[0]} input rows"
+                f"{name}: group_size {config.group_size} does not divide the {shape[0]} input rows"
             )
-        targets[name] = config
     return targets
 
 
@@ -220,8 +215,9 @@ def awq_model(
       (``mode="weight_only"``) or :func:`jaxcomp.quant.dequantize_tree`.
 
     Raises:
-      ValueError: folds that don't match the params, a group size that does not
-        divide a kernel's rows, kernels of one fold with different configs.
+      ValueError: folds that don't match the params, a ruled kernel that is not
+        2-D (give it a ``(regex, None)`` rule), a group size that does not divide a
+        kernel's rows, kernels of one fold with different configs.
       TypeError: a config that is not an :class:`AWQConfig`.
 
     References:

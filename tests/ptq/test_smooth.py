@@ -169,7 +169,7 @@ def test_bad_folds_and_configs():
             rules=mixed,
             default=ptq.AWQConfig(bits=3, group_size=8),
         )
-    with pytest.raises(TypeError, match="expected an AWQConfig"):
+    with pytest.raises(TypeError, match=r"expected one of \[.AWQConfig.\] or None"):
         ptq.awq_model(model, params, [x], folds=[], default=ptq.GPTQConfig())
     with pytest.raises(ValueError, match="AWQConfig.grid is 0"):
         ptq.AWQConfig(grid=0)
@@ -208,3 +208,20 @@ def test_capture_accepts_an_apply_function():
     assert order == ["a/kernel", "b/kernel"] and int(stats["a/kernel"].count) == 8
     with pytest.raises(TypeError, match="model is int; expected a flax.linen.Module"):
         ptq.capture_stats(3, params, [x])
+
+
+class _ConvHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="fc")(nn.Conv(8, (3, 3), name="conv")(x).mean((1, 2)))
+
+
+def test_awq_names_a_ruled_kernel_it_cannot_quantize():
+    model = _ConvHead()
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+    config = ptq.AWQConfig(bits=4, group_size=None)
+    with pytest.raises(ValueError, match=r"conv/kernel: AWQ needs a Dense kernel \[in, out\]"):
+        ptq.awq_model(model, params, [x], folds=[], default=config)
+    q = ptq.awq_model(model, params, [x], folds=[], rules=[("conv", None)], default=config)
+    assert isinstance(q["fc"]["kernel"], quant.QArray) and q["conv"]["kernel"].ndim == 4
