@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxcomp.quant import _formats, _layout
+from jaxcomp.quant import _formats, _layout, _native
 from jaxcomp.quant._qarray import QArray
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -108,6 +108,60 @@ def _to_output_layout(s, batch, contract, other_free: int, lead: bool) -> jax.Ar
     return s.reshape(s.shape[: len(batch)] + ones + s.shape[len(batch) :])
 
 
+def _native_on_cpu(native, reference):
+    """``native`` on a CPU, ``reference`` elsewhere; the gradients are always ``reference``'s.
+
+    Both take the same arguments and give the same result; the native kernels
+    are forward-only, so reverse-mode derivatives always come from ``reference``.
+    """
+
+    @jax.custom_vjp
+    def call(*args):
+        return jax.lax.platform_dependent(*args, cpu=native, default=reference)
+
+    def forward(*args):
+        return call(*args), args
+
+    def backward(args, cotangent):
+        return jax.vjp(reference, *args)[1](cotangent)
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def _matrix_view_dims(dims, lhs_ndim: int, rhs_shape, channel_axis) -> tuple[int, ...] | None:
+    """The lhs contraction axes when ``lhs @ rhs`` is ``x2d [M, K] @ W [K, N]``, else ``None``.
+
+    That is: no batch axes, and the rhs contraction axes are all its axes but
+    ``channel_axis`` (the output axis), in order, as for a Dense kernel
+    ``[in, out]`` or an Einsum kernel ``[a, b, out]``.
+    """
+    lc, rc, lb, rb = _normalize_dims(dims, lhs_ndim, len(rhs_shape))
+    if lb or rb or channel_axis is None:
+        return None
+    if rc != tuple(d for d in range(len(rhs_shape)) if d != channel_axis):
+        return None
+    return lc
+
+
+def _as_matrix(lhs: jax.Array, lc: tuple[int, ...]) -> jax.Array:
+    """``lhs`` as ``[M, K]``: free axes flattened into rows, contraction axes into columns."""
+    free = tuple(d for d in range(lhs.ndim) if d not in lc)
+    m = math.prod(lhs.shape[d] for d in free)
+    return jnp.transpose(lhs, free + lc).reshape(m, math.prod(lhs.shape[d] for d in lc))
+
+
+def _w8a8_matrix(x2d: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """XLA's W8A8 of ``x2d [M, K]`` and int8 ``codes [K, N]`` with weight scales ``[1, N]``."""
+    a, s_a = quantize_activations(x2d, 1)
+    acc = jax.lax.dot_general(a, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * (s_a * scale)
+
+
+def _native_w8a8(x2d: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    return _native.w8a8_matmul(x2d, codes, scale)
+
+
 def _weight_codes(rhs, rc, fmt: str, name: str) -> tuple[jax.Array, jax.Array]:
     """8-bit weight codes in ``rhs``'s own shape and keepdims scales (1 on ``rc``)."""
     if isinstance(rhs, QArray):
@@ -148,6 +202,18 @@ def _scaled_dot(lhs, rhs, dimension_numbers, preferred_element_type, out_shardin
     if not jnp.issubdtype(lhs.dtype, jnp.floating):
         raise TypeError(f"{name} expects float activations (lhs); got dtype {lhs.dtype}")
     lc, rc, lb, rb = _normalize_dims(dimension_numbers, lhs.ndim, len(rhs.shape))
+    native = fmt == "int8" and out_sharding is None and _native.native_status().w8a8
+    channel = rhs.channel_axis if isinstance(rhs, QArray) else len(rhs.shape) - 1
+    matrix_lc = _matrix_view_dims(dimension_numbers, lhs.ndim, rhs.shape, channel)
+    if native and matrix_lc is not None:
+        w, s_w = _weight_codes(rhs, rc, fmt, name)
+        k = math.prod(lhs.shape[d] for d in matrix_lc)
+        n = rhs.shape[channel]
+        codes = jnp.moveaxis(w, channel, -1).reshape(k, n)
+        x2d = _as_matrix(lhs.astype(jnp.float32), matrix_lc)
+        y = _native_on_cpu(_native_w8a8, _w8a8_matrix)(x2d, codes, s_w.reshape(1, n))
+        free = tuple(lhs.shape[d] for d in range(lhs.ndim) if d not in matrix_lc)
+        return y.reshape(free + (n,)).astype(_float_out(preferred_element_type, lhs.dtype))
     a, s_a = quantize_activations(lhs, lc, fmt=fmt)
     w, s_w = _weight_codes(rhs, rc, fmt, name)
     acc_type = jnp.int32 if fmt == "int8" else jnp.float32
@@ -159,10 +225,14 @@ def _scaled_dot(lhs, rhs, dimension_numbers, preferred_element_type, out_shardin
     s_a = _to_output_layout(s_a, lb, lc, n_rhs_free, lead=True)
     s_w = _to_output_layout(s_w, rb, rc, n_lhs_free, lead=False)
     y = acc.astype(jnp.float32) * (s_a * s_w)
-    out = preferred_element_type
-    if out is None or not jnp.issubdtype(out, jnp.floating):
-        out = lhs.dtype
-    return y.astype(out)
+    return y.astype(_float_out(preferred_element_type, lhs.dtype))
+
+
+def _float_out(preferred_element_type, lhs_dtype):
+    """The output dtype: a float ``preferred_element_type``, else the activation dtype."""
+    if preferred_element_type is None or not jnp.issubdtype(preferred_element_type, jnp.floating):
+        return lhs_dtype
+    return preferred_element_type
 
 
 def w8a8_dot_general(
@@ -354,28 +424,46 @@ def _blocked_dot(x2d: jax.Array, q: QArray, rows: int, acc_dtype, precision) -> 
     return jax.lax.scan(step, acc, scanned)[0]
 
 
-def _blockable(q: QArray, dims, lhs_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
-    """The lhs contraction axes and block rows when the blocked form applies, else ``None``.
+_NATIVE_MAX_TOKENS = 32  # past this the native weight-only kernel loses to XLA's float dot
 
-    It applies when there are no batch axes and the rhs contraction axes are all
-    the axes but ``channel_axis``, in order (so the contraction is the matrix
-    view's rows): a Dense kernel ``[in, out]``, an Einsum kernel ``[a, b, out]``;
-    and when the tokens (lhs rows) are few enough (decoding, small batches) for
-    the per-block accumulations to cost less than one float weight.
+
+def _lowbit_args(q: QArray) -> tuple[int, float] | None:
+    """``(slot, offset)`` for the native weight-only kernel, or ``None`` when it can't take ``q``.
+
+    It takes integer codes (2 to 8 bits, any zero points, groups of whole packed
+    bytes): 2- to 4-bit codes packed in ``slot``-bit slots with unsigned offset
+    ``2^(bits - 1)``, 5- to 8-bit codes as int8 (slot 8, offset 0).
     """
-    lc, rc, lb, rb = _normalize_dims(dims, len(lhs_shape), q.ndim)
-    if lb or rb or q.channel_axis is None:
+    if q.fmt != "int" or q.channel_axis is None:
         return None
-    if rc != tuple(d for d in range(q.ndim) if d != q.channel_axis):
+    k, _ = _layout.view_2d_shape(q.shape, q.channel_axis)
+    per = _layout.codes_per_byte(q.bits) if q.packed else 1
+    group_rows = k // q.scale.shape[0]
+    if q.codes.shape[0] * per != k or group_rows * q.scale.shape[0] != k or group_rows % per:
         return None
+    return (8 // per, float(1 << (q.bits - 1)) if q.packed else 0.0)
+
+
+def _blocked_rows_for(q: QArray, tokens: int) -> int | None:
+    """Rows per block for :func:`_blocked_dot` when blocking pays for ``tokens``, else ``None``."""
     rows = _block_rows(q, 4)
-    tokens = math.prod(lhs_shape[d] for d in range(len(lhs_shape)) if d not in lc)
     per = _layout.codes_per_byte(q.bits) if q.packed else 1
     # each block costs one [tokens, N] accumulation per slot: past about 4 * rows / per
     # tokens that traffic exceeds the one-off float weight (measured: 512 tokens lose)
     if rows is None or tokens * per > _TOKENS_PER_ROW * rows:
         return None
-    return lc, rows
+    return rows
+
+
+def _weight_only_matrix(x2d: jax.Array, q: QArray, precision=None) -> jax.Array:
+    """XLA's ``x2d [M, K] @ dequantize(q)`` in float32 for a QArray in matrix-view form."""
+    rows = _blocked_rows_for(q, x2d.shape[0])
+    if rows is not None:
+        return _blocked_dot(x2d, q, rows, jnp.float32, precision)
+    w = _layout.to_2d(q.dequantize().astype(jnp.float32), q.channel_axis)
+    return jax.lax.dot_general(
+        x2d, w, (((1,), (0,)), ((), ())), precision, preferred_element_type=jnp.float32
+    )
 
 
 def weight_only_dot_general(
@@ -427,18 +515,36 @@ def weight_only_dot_general(
     if not jnp.issubdtype(lhs.dtype, jnp.floating):
         raise TypeError(f"weight_only_dot_general expects float activations; got {lhs.dtype}")
     out = preferred_element_type or lhs.dtype
-    plan = None
+    lc = None
     if isinstance(rhs, QArray) and out_sharding is None and jnp.issubdtype(out, jnp.floating):
-        plan = _blockable(rhs, dimension_numbers, lhs.shape)
-    if plan is not None:
-        lc, rows = plan
-        free = tuple(d for d in range(lhs.ndim) if d not in lc)
-        m = math.prod(lhs.shape[d] for d in free)
-        x2d = jnp.transpose(lhs, free + lc).reshape(m, math.prod(lhs.shape[d] for d in lc))
-        acc_dtype = out if jnp.finfo(out).bits >= 32 else jnp.float32
-        y = _blocked_dot(x2d, rhs, rows, acc_dtype, precision)
+        lc = _matrix_view_dims(dimension_numbers, lhs.ndim, rhs.shape, rhs.channel_axis)
+    if lc is not None:
+        x2d = _as_matrix(lhs, lc)
         n = rhs.shape[rhs.channel_axis]
-        return y.reshape(tuple(lhs.shape[d] for d in free) + (n,)).astype(out)
+        free = tuple(lhs.shape[d] for d in range(lhs.ndim) if d not in lc)
+        lowbit = _lowbit_args(rhs)
+        if (
+            lowbit is not None
+            and x2d.shape[0] <= _NATIVE_MAX_TOKENS
+            and _native.native_status().lowbit
+        ):
+            slot, offset = lowbit
+
+            def native(x2d, q):
+                return _native.lowbit_matmul(
+                    x2d, q.codes, q.scale, q.zero_point, slot=slot, offset=offset
+                )
+
+            def reference(x2d, q):
+                return _weight_only_matrix(x2d.astype(jnp.float32), q, precision)
+
+            y = _native_on_cpu(native, reference)(x2d, rhs)
+            return y.reshape(free + (n,)).astype(out)
+        rows = _blocked_rows_for(rhs, x2d.shape[0])
+        if rows is not None:
+            acc_dtype = out if jnp.finfo(out).bits >= 32 else jnp.float32
+            y = _blocked_dot(x2d, rhs, rows, acc_dtype, precision)
+            return y.reshape(free + (n,)).astype(out)
     w = rhs.dequantize() if isinstance(rhs, QArray) else jnp.asarray(rhs)
     return jax.lax.dot_general(
         lhs,

@@ -1,4 +1,5 @@
-"""Weight-only dot: the blocked (scan) form against dequantize-then-dot in float64."""
+"""Weight-only dot, XLA's lowering: the blocked (scan) form against dequantize-then-dot in
+float64. The native kernel that replaces it on CPUs with AVX-512 is tested in test_native.py."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,11 @@ from jaxcomp import quant
 
 DENSE = (((1,), (0,)), ((), ()))
 K, N = 1024, 1152  # float32 weight of 4.5 MiB: large enough for the blocked form
+
+
+@pytest.fixture(autouse=True)
+def _xla_lowering(monkeypatch):
+    monkeypatch.setenv("JAXCOMP_NATIVE", "0")
 
 
 def _ref(x, q):
