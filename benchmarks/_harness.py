@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +21,19 @@ def median_seconds(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7) 
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def compiled_without_native(fn: Callable, *args: Any) -> Callable:
+    """``fn`` compiled for ``args`` with jaxcomp's native kernels off: XLA's own lowering."""
+    before = os.environ.get("JAXCOMP_NATIVE")
+    os.environ["JAXCOMP_NATIVE"] = "0"
+    try:
+        return jax.jit(fn).lower(*args).compile()
+    finally:
+        if before is None:
+            del os.environ["JAXCOMP_NATIVE"]
+        else:
+            os.environ["JAXCOMP_NATIVE"] = before
 
 
 def interleaved(

@@ -15,12 +15,15 @@ from jaxcomp.quant._matmul import (
     w8a8_dot_general,
     weight_only_dot_general,
 )
+from jaxcomp.quant._native import NativeStatus, native_status
+from jaxcomp.quant._prepack import prepack
 from jaxcomp.quant._qarray import QArray
 from jaxcomp.quant._qat import fake_quantize_tree, init_lsq_scales, lsq_quantize_tree
 from jaxcomp.quant._quantize import dequantize, quantize
 from jaxcomp.quant._tree import dequantize_tree, quantize_tree
 
 __all__ = [
+    "NativeStatus",
     "QArray",
     "QuantConfig",
     "dequantize",
@@ -34,6 +37,8 @@ __all__ = [
     "init_lsq_scales",
     "lsq_fake_quant",
     "lsq_quantize_tree",
+    "native_status",
+    "prepack",
     "quantize",
     "quantize_activations",
     "quantize_tree",

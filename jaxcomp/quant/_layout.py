@@ -18,6 +18,9 @@ with ``p = 8 // slot`` codes per byte (``slot`` = 2 bits for 2-bit codes, 4 bits
 for 3- and 4-bit codes). Packing along the rows keeps every column (output
 channel) in its own bytes, so a kernel sharded over its output axis unpacks
 without communication.
+
+Unpacked int8 codes may also be stored in AMX tile order (``layout="amx"``, see
+:func:`to_amx`), the order the native W8A8 kernel reads without repacking.
 """
 
 from __future__ import annotations
@@ -85,3 +88,32 @@ def unpack(packed: jax.Array, bits: int, rows: int) -> jax.Array:
     shifts = (jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(slot))[None, :, None]
     codes = (packed[:, None, :] >> shifts) & jnp.uint8((1 << slot) - 1)
     return codes.reshape(-1, packed.shape[1])[:rows]
+
+
+AMX_TILE_K = 64  # k per tile row: 16 rows of four consecutive k
+AMX_SLICE = 32  # output columns per slice: two 16-column tiles
+
+
+def to_amx(codes: jax.Array) -> jax.Array:
+    """int8 ``[K, N]`` codes in AMX tile order, ``[ceil(N / 32), ceil(K / 64) * 2048]``.
+
+    Slice ``s`` (columns ``32 s`` to ``32 s + 31``) is one contiguous row: for each
+    k-block ``kb`` of 64 rows, two 1 KiB tiles (columns ``+0-15`` and ``+16-31``)
+    whose row ``r`` holds, for each of the 16 columns, the four codes of rows
+    ``64 kb + 4 r + i`` (``i < 4``) side by side: the VNNI layout of
+    ``TDPBSSD``'s second operand. Rows and columns past ``K`` and ``N`` are zero.
+    """
+    k, n = codes.shape
+    kp, np_ = -(-k // AMX_TILE_K) * AMX_TILE_K, -(-n // AMX_SLICE) * AMX_SLICE
+    padded = jnp.pad(codes, ((0, kp - k), (0, np_ - n)))
+    # [kb, r, i, s, t, c] -> [s, kb, t, r, c, i]
+    tiles = padded.reshape(kp // AMX_TILE_K, 16, 4, np_ // AMX_SLICE, 2, 16)
+    return tiles.transpose(3, 0, 4, 1, 5, 2).reshape(np_ // AMX_SLICE, kp * AMX_SLICE)
+
+
+def from_amx(tiles: jax.Array, k: int, n: int) -> jax.Array:
+    """Inverse of :func:`to_amx`: the ``[K, N]`` codes."""
+    slices, per_slice = tiles.shape
+    kp = per_slice // AMX_SLICE
+    blocks = tiles.reshape(slices, kp // AMX_TILE_K, 2, 16, 16, 4)
+    return blocks.transpose(1, 3, 5, 0, 2, 4).reshape(kp, slices * AMX_SLICE)[:k, :n]

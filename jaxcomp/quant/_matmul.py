@@ -162,6 +162,10 @@ def _native_w8a8(x2d: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Arra
     return _native.w8a8_matmul(x2d, codes, scale)
 
 
+def _native_prepacked_w8a8(x2d: jax.Array, tiles: jax.Array, scale: jax.Array) -> jax.Array:
+    return _native.w8a8_matmul(x2d, tiles, scale, prepacked=True)
+
+
 def _weight_codes(rhs, rc, fmt: str, name: str) -> tuple[jax.Array, jax.Array]:
     """8-bit weight codes in ``rhs``'s own shape and keepdims scales (1 on ``rc``)."""
     if isinstance(rhs, QArray):
@@ -183,7 +187,7 @@ def _weight_codes(rhs, rc, fmt: str, name: str) -> tuple[jax.Array, jax.Array]:
                 f"has channel_axis={rhs.channel_axis}; quantize with another channel_axis"
             )
         if fmt == "int8":
-            codes = _layout.from_2d(rhs.codes, rhs.shape, rhs.channel_axis)
+            codes = _layout.from_2d(rhs.matrix_codes(), rhs.shape, rhs.channel_axis)
         else:
             values = _layout.from_2d(rhs.grid_values(), rhs.shape, rhs.channel_axis)
             codes = values.astype(jnp.float8_e4m3fn)
@@ -206,12 +210,20 @@ def _scaled_dot(lhs, rhs, dimension_numbers, preferred_element_type, out_shardin
     channel = rhs.channel_axis if isinstance(rhs, QArray) else len(rhs.shape) - 1
     matrix_lc = _matrix_view_dims(dimension_numbers, lhs.ndim, rhs.shape, channel)
     if native and matrix_lc is not None:
-        w, s_w = _weight_codes(rhs, rc, fmt, name)
-        k = math.prod(lhs.shape[d] for d in matrix_lc)
         n = rhs.shape[channel]
-        codes = jnp.moveaxis(w, channel, -1).reshape(k, n)
         x2d = _as_matrix(lhs.astype(jnp.float32), matrix_lc)
-        y = _native_on_cpu(_native_w8a8, _w8a8_matrix)(x2d, codes, s_w.reshape(1, n))
+        if isinstance(rhs, QArray) and rhs.layout == "amx":
+            _weight_codes(rhs, rc, fmt, name)  # checks only: XLA drops the unused relayout
+            k = x2d.shape[1]
+            native_fn = _native_prepacked_w8a8
+            reference = lambda x2d, tiles, scale: _w8a8_matrix(  # noqa: E731
+                x2d, _layout.from_amx(tiles, k, n), scale
+            )
+            y = _native_on_cpu(native_fn, reference)(x2d, rhs.codes, rhs.scale.reshape(1, n))
+        else:
+            w, s_w = _weight_codes(rhs, rc, fmt, name)
+            codes = jnp.moveaxis(w, channel, -1).reshape(x2d.shape[1], n)
+            y = _native_on_cpu(_native_w8a8, _w8a8_matrix)(x2d, codes, s_w.reshape(1, n))
         free = tuple(lhs.shape[d] for d in range(lhs.ndim) if d not in matrix_lc)
         return y.reshape(free + (n,)).astype(_float_out(preferred_element_type, lhs.dtype))
     a, s_a = quantize_activations(lhs, lc, fmt=fmt)
@@ -358,7 +370,7 @@ def _block_rows(q: QArray, itemsize: int) -> int | None:
     only when it gives at least two blocks.
     """
     k, n = _layout.view_2d_shape(q.shape, q.channel_axis)
-    if q.channel_axis is None or k * n * itemsize <= 2 * _BLOCK_BYTES:
+    if q.channel_axis is None or q.layout != "rows" or k * n * itemsize <= 2 * _BLOCK_BYTES:
         return None
     unit = q.group_size or _layout.codes_per_byte(q.bits)
     if q.group_size is not None and q.group_size % _layout.codes_per_byte(q.bits):
@@ -434,7 +446,7 @@ def _lowbit_args(q: QArray) -> tuple[int, float] | None:
     bytes): 2- to 4-bit codes packed in ``slot``-bit slots with unsigned offset
     ``2^(bits - 1)``, 5- to 8-bit codes as int8 (slot 8, offset 0).
     """
-    if q.fmt != "int" or q.channel_axis is None:
+    if q.fmt != "int" or q.channel_axis is None or q.layout != "rows":
         return None
     k, _ = _layout.view_2d_shape(q.shape, q.channel_axis)
     per = _layout.codes_per_byte(q.bits) if q.packed else 1

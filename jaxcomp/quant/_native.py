@@ -152,16 +152,25 @@ def _load() -> NativeStatus:
     return NativeStatus(w8a8, lowbit, reason)
 
 
-def w8a8_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
-    """``float32 [M, N]``: per-token int8 ``x [M, K]`` times int8 ``codes [K, N]``, rescaled.
+def w8a8_matmul(
+    x: jax.Array, codes: jax.Array, scale: jax.Array, *, prepacked: bool = False
+) -> jax.Array:
+    """``float32 [M, N]``: per-token int8 ``x [M, K]`` times int8 weight codes, rescaled.
 
-    ``scale`` holds the ``N`` weight scales. CPU only; check :func:`native_status`.
+    ``codes`` is ``[K, N]``, or with ``prepacked`` the AMX tile order of
+    :func:`jaxcomp.quant._layout.to_amx`; ``scale`` holds the ``N`` weight
+    scales. CPU only; check :func:`native_status`.
     """
-    m, n = x.shape[0], codes.shape[1]
+    m, n = x.shape[0], scale.size
     call = jax.ffi.ffi_call(
         _W8A8, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
     )
-    return call(x.astype(jnp.float32), codes.astype(jnp.int8), scale.reshape(n).astype(jnp.float32))
+    return call(
+        x.astype(jnp.float32),
+        codes.astype(jnp.int8),
+        scale.reshape(n).astype(jnp.float32),
+        prepacked=prepacked,
+    )
 
 
 def lowbit_matmul(

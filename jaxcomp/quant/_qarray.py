@@ -12,6 +12,8 @@ from jax.typing import ArrayLike
 
 from jaxcomp.quant import _formats, _layout
 
+LAYOUTS = ("rows", "amx")  # orders of QArray.codes: the matrix view, or AMX tile order
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QArray:
@@ -37,6 +39,10 @@ class QArray:
       ``N = 1`` per tensor).
     * ``zero_point``: ``None`` (symmetric) or ``int8 [G, N]`` on the signed grid.
 
+    ``layout="amx"`` (made by :func:`jaxcomp.quant.prepack`, only for symmetric
+    int8 codes with one scale per channel) keeps the codes in AMX tile order
+    (:func:`jaxcomp.quant._layout.to_amx`) instead of ``[K, N]``.
+
     Data fields (``codes``, ``scale``, ``zero_point``) are pytree children; the
     other fields are static metadata made of plain JSON values, so a QArray
     passes through ``jit``/``pmap``/sharding and a checkpoint can rebuild it with
@@ -52,6 +58,7 @@ class QArray:
       group_size: rows of the matrix view sharing one scale, or ``None``.
       packed: whether ``codes`` holds several codes per byte.
       fmt: code format: ``"int"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"nf4"``.
+      layout: order of ``codes``: ``"rows"`` (the matrix view) or ``"amx"``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -70,6 +77,7 @@ class QArray:
         "group_size",
         "packed",
         "fmt",
+        "layout",
     )
 
     codes: Any
@@ -82,6 +90,7 @@ class QArray:
     group_size: int | None = None
     packed: bool = False
     fmt: str = "int"
+    layout: str = "rows"
 
     def __post_init__(self):
         # Only metadata is normalised: pytree unflattening may pass placeholder children.
@@ -96,6 +105,35 @@ class QArray:
         set_(self, "packed", bool(self.packed))
         if self.fmt not in _formats.FORMATS:
             raise ValueError(f"QArray fmt is {self.fmt!r}; expected one of {_formats.FORMATS}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"QArray layout is {self.layout!r}; expected one of {LAYOUTS}")
+        if self.layout == "amx" and not self.amx_eligible:
+            raise ValueError(
+                "QArray layout 'amx' holds symmetric int8 codes with one scale per channel; got "
+                f"bits={self.bits}, fmt={self.fmt!r}, group_size={self.group_size}, "
+                f"channel_axis={self.channel_axis}"
+            )
+
+    @property
+    def amx_eligible(self) -> bool:
+        """Whether the codes can take ``layout="amx"`` (the W8A8 kind: int8, per channel).
+
+        Symmetry (no zero point) is checked where the codes are converted, since
+        pytree unflattening may pass placeholder children here.
+        """
+        return (
+            self.bits == 8
+            and self.fmt == "int"
+            and self.group_size is None
+            and self.channel_axis is not None
+        )
+
+    def matrix_codes(self) -> jax.Array:
+        """The codes in the matrix view ``[K, N]`` (packed bytes for 2-4 bits), any layout."""
+        if self.layout == "amx":
+            k, n = _layout.view_2d_shape(self.shape, self.channel_axis)
+            return _layout.from_amx(self.codes, k, n)
+        return self.codes
 
     @classmethod
     def from_grid(
@@ -168,7 +206,7 @@ class QArray:
             unsigned = _layout.unpack(self.codes, self.bits, rows)
             return _formats.from_unsigned(unsigned, self.fmt, self.bits)
         if self.fmt == "int":
-            return self.codes.astype(jnp.float32)
+            return self.matrix_codes().astype(jnp.float32)
         return _formats.from_unsigned(self.codes, self.fmt, self.bits)
 
     def dequantize(self) -> jax.Array:
