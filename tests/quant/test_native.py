@@ -307,3 +307,19 @@ def test_prepacked_weights_checkpoint_round_trip(rng, tmp_path):
     assert back.layout == "amx"
     np.testing.assert_array_equal(back.codes, q.codes)
     np.testing.assert_array_equal(back.dequantize(), q.dequantize())
+
+
+def test_quantized_apply_runs_a_stock_model_on_prepacked_params(rng):
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(96), nn.relu, nn.Dense(10)])
+    x = jnp.asarray(rng.normal(size=(6, 40)), jnp.float32)
+    qparams = quant.quantize_tree(model.init(jax.random.key(0), x)["params"])
+    packed = quant.prepack(qparams)
+    is_q = lambda v: isinstance(v, quant.QArray)  # noqa: E731
+    assert [q.layout for q in jax.tree.leaves(packed, is_leaf=is_q) if is_q(q)] == ["amx", "amx"]
+
+    def run(p, x):
+        return quant.quantized_apply(model, {"params": p}, x, mode="w8a8")
+
+    np.testing.assert_allclose(jax.jit(run)(packed, x), jax.jit(run)(qparams, x), rtol=1e-6)
