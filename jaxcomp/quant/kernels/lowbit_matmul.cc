@@ -27,6 +27,9 @@ namespace {
 
 constexpr int64_t kPanel = 64;         // output columns per accumulator set: four float vectors
 constexpr int64_t kPanelsPerItem = 4;  // panels per work item
+// byte rows between a read and its prefetch: each row of an item is its own page,
+// which the hardware prefetcher does not follow (measured: 2.5x faster at 1 token)
+constexpr int64_t kAheadRows = 64;
 constexpr int64_t kTokens = 4;  // rows of x per pass over a panel's codes
 
 bool Avx512Ready() {
@@ -71,6 +74,12 @@ __attribute__((target("avx512f,avx512bw"))) void PanelRows(
         for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
       for (int64_t r = g * group_rows / p; r < (g + 1) * group_rows / p; ++r) {
         const uint8_t* row = codes + r * n + col;
+        if (c == 0 && r + kAheadRows < k / p) {  // this item's bytes further down, from memory
+          for (int64_t ahead = 0; ahead < panels; ++ahead) {
+            _mm_prefetch(reinterpret_cast<const char*>(row + kAheadRows * n + ahead * kPanel),
+                         _MM_HINT_T0);
+          }
+        }
         __m512i bytes[4];
         for (int q = 0; q < 4; ++q) {
           const __m128i b16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * q));
