@@ -272,6 +272,14 @@ def w8a8_dot_general(
     ``preferred_element_type``). The compiled program holds an
     ``s8 x s8 -> s32`` dot.
 
+    On a CPU with AMX-INT8, when the contraction is the weight's matrix view
+    (a Dense or Einsum kernel, no batch axes), the native kernel of
+    :mod:`jaxcomp.quant._native` runs instead: the same formula and exact int32
+    sums, with ``x / s`` computed as a division, where XLA multiplies by the
+    reciprocal (about one code in a million differs by one); it reads
+    weights stored by :func:`jaxcomp.quant.prepack` in place. Gradients come
+    from XLA's lowering either way.
+
     Args:
       lhs: float activations.
       rhs: weights: float, or a QArray with ``bits=8``, ``fmt="int"``, symmetric,
@@ -504,8 +512,11 @@ def weight_only_dot_general(
     inside a ``lax.scan`` that accumulates ``x_block @ w_block`` in float32, so
     each block is used while it is in cache (for packed codes, one dot per slot
     of the byte, so nibbles are never interleaved); otherwise the whole weight
-    is dequantized before one dot. Both give the float dot of the dequantized
-    weight up to float32 summation order. Float ``rhs`` passes through unchanged.
+    is dequantized before one dot. On a CPU with AVX-512, integer codes (2-8
+    bits) in that matrix-view case with at most 32 tokens go to the native
+    kernel instead (:mod:`jaxcomp.quant._native`), which unpacks the codes in
+    registers. All give the float dot of the dequantized weight up to float32
+    summation order. Float ``rhs`` passes through unchanged.
 
     Args:
       lhs: float activations.

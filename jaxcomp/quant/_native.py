@@ -3,9 +3,9 @@
 Two kernels back the quantized matmuls on x86-64 CPUs:
 
 * ``jaxcomp_w8a8_matmul`` (Intel AMX-INT8): quantizes float32 activations per
-  token and multiplies them by int8 weight codes on the AMX tiles, with the same
-  arithmetic as :func:`jaxcomp.quant.w8a8_dot_general`'s XLA path (exact int32
-  sums; the final rescale may differ by an ulp);
+  token and multiplies them by int8 weight codes on the AMX tiles: the formula
+  of :func:`jaxcomp.quant.w8a8_dot_general`'s XLA path, exact int32 sums, and
+  ``x / scale`` as a true division (XLA multiplies by the reciprocal);
 * ``jaxcomp_lowbit_matmul`` (AVX-512): a weight-only matmul that unpacks 2- to
   8-bit integer codes in registers, so only the packed codes travel from memory.
 

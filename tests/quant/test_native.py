@@ -92,7 +92,7 @@ def test_w8a8_matches_numpy_and_xla(rng, monkeypatch, m, k, n):
     assert 'custom_call_target="jaxcomp_w8a8_matmul"' in _hlo(f, x, q)
     y = np.asarray(jax.jit(f)(x, q))
     ref = _w8a8_numpy(x, q.codes, q.scale)
-    # same codes and exact int32 sums; float32(acc) * (s_a * s_w) rounds twice: <= 2 ulp.
+    # numpy's codes (true division) and exact int32 sums; the rescale rounds twice: <= 2 ulp.
     # One code off by one would move y by s_a * s_w * |w|, thousands of ulp.
     np.testing.assert_allclose(y, ref, rtol=2 * ULP, atol=0)
     assert np.all(y[0] == 0)

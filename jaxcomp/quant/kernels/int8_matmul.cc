@@ -5,8 +5,9 @@
 //   y[m, n] = float(sum_k a[m, k] b[k, n]) * (sa[m] * sw[n])
 //
 // for float32 x [M, K], int8 weight codes b [K, N] and float32 weight scales sw [N],
-// the same arithmetic as jaxcomp.quant.w8a8_dot_general's XLA path, so both give
-// the same bits. The int32 accumulator is exact.
+// the formula of jaxcomp.quant.w8a8_dot_general's XLA path, with x / sa a true
+// division (XLA multiplies by the reciprocal; about one code in a million differs
+// by one). The int32 accumulator is exact.
 //
 // x is quantized straight into tile order (each 16 x 64 tile one contiguous,
 // 64-byte aligned KiB). Each work item is then a panel of 256 output columns: its
