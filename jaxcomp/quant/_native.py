@@ -34,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -142,6 +143,7 @@ def _load() -> NativeStatus:
     try:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError) as error:
+        warnings.warn(f"jaxcomp's native kernels are off, XLA runs instead: {error}", stacklevel=2)
         return NativeStatus(False, False, str(error))
     jax.ffi.register_ffi_target(_W8A8, jax.ffi.pycapsule(library.JaxcompW8A8Matmul), "cpu")
     jax.ffi.register_ffi_target(_LOWBIT, jax.ffi.pycapsule(library.JaxcompLowbitMatmul), "cpu")

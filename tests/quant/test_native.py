@@ -63,6 +63,12 @@ def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="compiling the jaxcomp kernels failed"):
         _native._build(str(broken))
     assert os.listdir(tmp_path / "cache") == []  # no half-written library
+    # a failed build is said once, then XLA runs: the status carries the compiler's words
+    monkeypatch.setattr(_native, "_compiler", lambda: str(broken))
+    with pytest.warns(UserWarning, match="native kernels are off"):
+        status = _native._load.__wrapped__()
+    assert (status.w8a8, status.lowbit) == (False, False)
+    assert "no such intrinsic" in status.reason
 
 
 def test_disabled_by_environment_uses_xla(rng, monkeypatch):
