@@ -68,7 +68,25 @@ def _case(tokens: int, dim: int, repeats: int) -> list[dict]:
     return rows
 
 
+def _decode(tokens: int, dim: int, repeats: int) -> list[dict]:
+    """Few tokens (decoding): prepacked W8A8 and XLA's lowering, each against float32."""
+    x = jax.random.normal(jax.random.key(0), (tokens, dim), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (dim, dim), jnp.float32) / dim**0.5
+    q = quant.quantize(w, bits=8)
+    packed = quant.prepack(q)
+    dense = jax.jit(lambda x, w: x @ w)
+    w8a8 = jax.jit(lambda x, q: quant.w8a8_dot_general(x, q, DIMS))
+    xla = compiled_without_native(lambda x, q: quant.w8a8_dot_general(x, q, DIMS), x, q)
+    shape = f"[{tokens}x{dim}]@[{dim}x{dim}]"
+    kernel = "AMX kernel" if _native.native_status().w8a8 else "XLA"
+    t_ours, t_base = interleaved(lambda: w8a8(x, packed), lambda: dense(x, w), repeats=repeats)
+    rows = [row("w8a8", f"w8a8_dot_general {shape}, prepacked weights ({kernel})", t_ours, t_base)]
+    t_ours, t_base = interleaved(lambda: xla(x, q), lambda: dense(x, w), repeats=repeats)
+    rows.append(row("w8a8", f"w8a8_dot_general {shape} (XLA)", t_ours, t_base))
+    return rows
+
+
 def run(*, quick: bool = False) -> list[dict]:
     if quick:
         return _case(64, 1024, 5)
-    return _case(256, 4096, 11)
+    return _case(256, 4096, 11) + _decode(1, 4096, 11) + _decode(8, 4096, 11)
