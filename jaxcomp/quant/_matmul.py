@@ -166,26 +166,26 @@ def _native_prepacked_w8a8(x2d: jax.Array, tiles: jax.Array, scale: jax.Array) -
     return _native.w8a8_matmul(x2d, tiles, scale, prepacked=True)
 
 
+def _check_weight_qarray(rhs: QArray, rc, fmt: str, name: str) -> None:
+    """Raises unless ``rhs`` is a symmetric 8-bit ``fmt`` QArray with scales constant on ``rc``."""
+    want = "int" if fmt == "int8" else "fp8_e4m3"
+    if rhs.bits != 8 or rhs.fmt != want or rhs.zero_point is not None or rhs.group_size is not None:
+        raise ValueError(
+            f"{name} needs a symmetric 8-bit {want!r} QArray without groups; got bits="
+            f"{rhs.bits}, fmt={rhs.fmt!r}, group_size={rhs.group_size}, "
+            f"symmetric={rhs.zero_point is None}; requantize it or use mode='weight_only'"
+        )
+    if rhs.channel_axis is not None and rhs.channel_axis in rc:
+        raise ValueError(
+            f"{name} needs scales constant along the contraction axes {rc}; the QArray "
+            f"has channel_axis={rhs.channel_axis}; quantize with another channel_axis"
+        )
+
+
 def _weight_codes(rhs, rc, fmt: str, name: str) -> tuple[jax.Array, jax.Array]:
     """8-bit weight codes in ``rhs``'s own shape and keepdims scales (1 on ``rc``)."""
     if isinstance(rhs, QArray):
-        want = "int" if fmt == "int8" else "fp8_e4m3"
-        if (
-            rhs.bits != 8
-            or rhs.fmt != want
-            or rhs.zero_point is not None
-            or rhs.group_size is not None
-        ):
-            raise ValueError(
-                f"{name} needs a symmetric 8-bit {want!r} QArray without groups; got bits="
-                f"{rhs.bits}, fmt={rhs.fmt!r}, group_size={rhs.group_size}, "
-                f"symmetric={rhs.zero_point is None}; requantize it or use mode='weight_only'"
-            )
-        if rhs.channel_axis is not None and rhs.channel_axis in rc:
-            raise ValueError(
-                f"{name} needs scales constant along the contraction axes {rc}; the QArray "
-                f"has channel_axis={rhs.channel_axis}; quantize with another channel_axis"
-            )
+        _check_weight_qarray(rhs, rc, fmt, name)
         if fmt == "int8":
             codes = _layout.from_2d(rhs.matrix_codes(), rhs.shape, rhs.channel_axis)
         else:
@@ -213,7 +213,7 @@ def _scaled_dot(lhs, rhs, dimension_numbers, preferred_element_type, out_shardin
         n = rhs.shape[channel]
         x2d = _as_matrix(lhs.astype(jnp.float32), matrix_lc)
         if isinstance(rhs, QArray) and rhs.layout == "amx":
-            _weight_codes(rhs, rc, fmt, name)  # checks only: XLA drops the unused relayout
+            _check_weight_qarray(rhs, rc, fmt, name)
             k = x2d.shape[1]
             native_fn = _native_prepacked_w8a8
             reference = lambda x2d, tiles, scale: _w8a8_matrix(  # noqa: E731
