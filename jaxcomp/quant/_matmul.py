@@ -276,7 +276,7 @@ def w8a8_dot_general(
     (a Dense or Einsum kernel, no batch axes), the native kernel of
     :mod:`jaxcomp.quant._native` runs instead: the same formula and exact int32
     sums, with ``x / s`` computed as a division, where XLA multiplies by the
-    reciprocal (about one code in a million differs by one); it reads
+    reciprocal (now and then a code differs by one); it reads
     weights stored by :func:`jaxcomp.quant.prepack` in place. Gradients come
     from XLA's lowering either way.
 

@@ -6,7 +6,7 @@
 //
 // for float32 x [M, K], int8 weight codes b [K, N] and float32 weight scales sw [N],
 // the formula of jaxcomp.quant.w8a8_dot_general's XLA path, with x / sa a true
-// division (XLA multiplies by the reciprocal; about one code in a million differs
+// division (XLA multiplies by the reciprocal; now and then a code differs
 // by one). The int32 accumulator is exact.
 //
 // x is quantized straight into tile order (each 16 x 64 tile one contiguous,
